@@ -1,0 +1,98 @@
+"""The user's Jacobi options: validated here, before any engine starts.
+
+Users write ``speculative_config={"method": "jacobi", "num_speculative_tokens": 16}``
+(or ``--jacobi --jacobi-block-size 16``). vLLM 0.32 knows no ``"jacobi"`` method, so
+:func:`to_vllm_speculative_config` rewrites the dict into vLLM's ``custom_class`` method
+pointing at :class:`cllm_vllm.proposer.JacobiProposer`; the Jacobi-only options ride
+along on the resulting ``SpeculativeConfig`` as the attribute ``jacobi_options``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cllm_vllm.fill import DEFAULT_FILL, FILL_POLICIES
+
+METHOD = "jacobi"
+PROPOSER_CLASS = "cllm_vllm.proposer.JacobiProposer"
+DEFAULT_BLOCK_SIZE = 16
+OPTIONS_ATTR = "jacobi_options"
+
+# vLLM's own keys that keep their meaning with Jacobi drafting.
+_PASSTHROUGH_KEYS = {
+    "num_speculative_tokens_per_batch_size",  # shrink k as the batch grows
+}
+_JACOBI_KEYS = {"method", "num_speculative_tokens", "fill"}
+
+
+@dataclass(frozen=True)
+class JacobiOptions:
+    fill: str = DEFAULT_FILL
+
+    @classmethod
+    def from_speculative_config(cls, spec: Any) -> JacobiOptions:
+        return cls(**(getattr(spec, OPTIONS_ATTR, None) or {}))
+
+
+def is_jacobi(spec_dict: dict[str, Any] | None) -> bool:
+    return bool(spec_dict) and spec_dict.get("method") == METHOD
+
+
+def to_vllm_speculative_config(
+    spec_dict: dict[str, Any],
+    max_model_len: int | None,
+    async_scheduling: bool | None = None,
+) -> tuple[dict[str, Any], JacobiOptions]:
+    """Validate a Jacobi speculative config and translate it for vLLM.
+
+    Returns the dict vLLM's ``SpeculativeConfig`` accepts and the Jacobi options. Raises
+    ``ValueError`` naming the offending option.
+    """
+    spec = {k.replace("-", "_"): v for k, v in spec_dict.items()}
+    unknown = sorted(set(spec) - _JACOBI_KEYS - _PASSTHROUGH_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} in speculative_config for method 'jacobi'; "
+            f"allowed: {sorted(_JACOBI_KEYS | _PASSTHROUGH_KEYS)}"
+        )
+    k = spec.get("num_speculative_tokens", DEFAULT_BLOCK_SIZE)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(
+            f"Jacobi block size (num_speculative_tokens) must be an integer >= 1, got {k!r}"
+        )
+    if max_model_len is not None and k >= max_model_len:
+        raise ValueError(
+            f"Jacobi block size (num_speculative_tokens={k}) must be smaller than "
+            f"max_model_len={max_model_len}"
+        )
+    fill = spec.get("fill", DEFAULT_FILL)
+    if fill not in FILL_POLICIES:
+        raise ValueError(f"unknown Jacobi fill policy {fill!r}; choose one of {FILL_POLICIES}")
+    if async_scheduling:
+        raise ValueError(
+            "Jacobi decoding cannot run with async_scheduling=True: vLLM 0.32 overlaps "
+            "scheduling only for model-based drafters (EAGLE/MTP/draft model/ngram_gpu), "
+            "and the Jacobi drafter needs this step's verification before it proposes. "
+            "Leave async_scheduling unset (vLLM then turns it off) or set it to False."
+        )
+    vllm_spec = {
+        "method": "custom_class",
+        "model": PROPOSER_CLASS,
+        "num_speculative_tokens": k,
+        **{key: spec[key] for key in _PASSTHROUGH_KEYS if key in spec},
+    }
+    return vllm_spec, JacobiOptions(fill=fill)
+
+
+def attach_options(spec_config: Any, options: JacobiOptions) -> None:
+    """Carry the Jacobi options on vLLM's SpeculativeConfig (it is pickled to workers)."""
+    object.__setattr__(spec_config, OPTIONS_ATTR, asdict(options))
+
+
+def is_jacobi_speculative_config(spec_config: Any) -> bool:
+    return (
+        spec_config is not None
+        and getattr(spec_config, "method", None) == "custom_class"
+        and getattr(spec_config, "model", None) == PROPOSER_CLASS
+    )

@@ -1,0 +1,1 @@
+"""CLLM training: trajectories, losses, trainer. Needs torch and transformers, not vLLM."""

@@ -1,0 +1,216 @@
+"""Every touch of vLLM internals lives in this module. Written against vLLM 0.32.0.
+
+vLLM's documented surfaces (``vllm.general_plugins`` entry points, the ``custom_class``
+proposer) get us most of the way; three seams are not documented and are wrapped here:
+
+1. ``EngineArgs.create_speculative_config``: where the user's ``speculative_config`` dict
+   becomes a ``SpeculativeConfig`` whose ``method`` is a closed ``Literal``. We translate
+   ``method="jacobi"`` into ``custom_class`` + :class:`~cllm_vllm.proposer.JacobiProposer`.
+2. ``GPUModelRunner._sample`` (the V1 runner, which vLLM's CPU runner subclasses): the
+   Jacobi drafter needs the target's argmax at rejected positions too, which the
+   ``custom_class`` API never shows; we hand the logits to the proposer before vLLM samples.
+3. ``EngineArgs.add_cli_args``: the ``--jacobi`` / ``--jacobi-block-size`` flags.
+
+``check_vllm_surface()`` asserts that each seam still has the shape this code expects;
+a test calls it, so a vLLM upgrade that moves one fails loudly instead of silently
+drafting garbage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import logging
+from typing import Any
+
+from cllm_vllm import config as jcfg
+
+logger = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"
+_PATCHED = "_cllm_vllm_patched"
+
+
+def check_vllm_surface() -> list[str]:
+    """Return what no longer matches vLLM 0.32.0 (empty when every seam is as expected)."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    problems = []
+    if vllm.__version__.split("+")[0] != VLLM_VERSION:
+        problems.append(f"vLLM is {vllm.__version__}, cllm-vllm targets {VLLM_VERSION}")
+    expected = {
+        (EngineArgs, "create_speculative_config"): [
+            "self",
+            "target_model_config",
+            "target_parallel_config",
+        ],
+        (EngineArgs, "add_cli_args"): ["parser"],
+        (GPUModelRunner, "_sample"): ["self", "logits", "spec_decode_metadata"],
+    }
+    for (cls, name), params in expected.items():
+        fn = getattr(cls, name, None)
+        if fn is None:
+            problems.append(f"{cls.__name__}.{name} is gone")
+        elif list(inspect.signature(fn).parameters) != params:
+            problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
+    src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
+    if 'method == "custom_class"' not in src or "self.drafter).propose(" not in src:
+        problems.append("GPUModelRunner.propose_draft_token_ids no longer calls custom_class")
+    return problems
+
+
+def _wrap(cls: type, name: str, make_wrapper) -> None:
+    original = getattr(cls, name)
+    if getattr(original, _PATCHED, False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _PATCHED, True)
+    setattr(cls, name, wrapper)
+
+
+def install_config_hook() -> None:
+    """Make ``speculative_config={"method": "jacobi", ...}`` a valid vLLM config."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original):
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            user_spec = self.speculative_config
+            if getattr(self, "spec_method", None) == jcfg.METHOD:
+                # `--spec-method jacobi [--spec-tokens K]` is the same request.
+                user_spec = dict(user_spec or {}, method=jcfg.METHOD)
+                if self.spec_tokens is not None:
+                    user_spec["num_speculative_tokens"] = self.spec_tokens
+                self.spec_method = self.spec_tokens = None
+            if not jcfg.is_jacobi(user_spec):
+                return original(self, target_model_config, target_parallel_config)
+            vllm_spec, options = jcfg.to_vllm_speculative_config(
+                user_spec,
+                max_model_len=target_model_config.max_model_len,
+                async_scheduling=self.async_scheduling,
+            )
+            self.speculative_config = vllm_spec
+            try:
+                spec_config = original(self, target_model_config, target_parallel_config)
+            finally:
+                # Keep the user's dict, so that building the config again works the same.
+                self.speculative_config = user_spec
+            jcfg.attach_options(spec_config, options)
+            return spec_config
+
+        return create_speculative_config
+
+    _wrap(EngineArgs, "create_speculative_config", make)
+
+
+def install_runner_hook() -> None:
+    """Give the Jacobi proposer the target logits of every verified position.
+
+    Called from the proposer's constructor, i.e. only in worker processes that draft
+    with Jacobi, after vLLM's model runner module is fully imported.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from cllm_vllm.proposer import JacobiProposer
+
+    def make(original):
+        def _sample(self, logits, spec_decode_metadata):
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, JacobiProposer) and logits is not None:
+                drafter.observe_verification(
+                    logits,
+                    None if spec_decode_metadata is None
+                    else spec_decode_metadata.num_draft_tokens,
+                    self.input_batch.num_prompt_tokens,
+                )
+            return original(self, logits, spec_decode_metadata)
+
+        return _sample
+
+    _wrap(GPUModelRunner, "_sample", make)
+
+
+def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Jacobi decoding (cllm-vllm)",
+        "Parallel decoding for Consistency LLMs; sugar for "
+        '--speculative-config \'{"method": "jacobi", "num_speculative_tokens": N}\'.',
+    )
+    group.add_argument(
+        "--jacobi",
+        action="store_true",
+        default=False,
+        help="Decode with rolling-block Jacobi iteration (exact: output equals greedy AR).",
+    )
+    group.add_argument(
+        "--jacobi-block-size",
+        type=int,
+        default=None,
+        help=f"Guess block size k, i.e. tokens verified per step (default {jcfg.DEFAULT_BLOCK_SIZE}).",
+    )
+    group.add_argument(
+        "--jacobi-fill",
+        default=None,
+        help="How guess blocks are topped up: ngram (default), prompt or repeat.",
+    )
+
+
+def jacobi_spec_from_cli(args: Any) -> dict[str, Any] | None:
+    """Turn ``--jacobi*`` flags into a speculative config dict (None without ``--jacobi``)."""
+    block = getattr(args, "jacobi_block_size", None)
+    fill = getattr(args, "jacobi_fill", None)
+    if not getattr(args, "jacobi", False):
+        if block is not None or fill is not None:
+            raise ValueError("--jacobi-block-size and --jacobi-fill need --jacobi")
+        return None
+    if getattr(args, "speculative_config", None):
+        raise ValueError("--jacobi and --speculative-config are mutually exclusive")
+    spec: dict[str, Any] = {"method": jcfg.METHOD}
+    spec["num_speculative_tokens"] = jcfg.DEFAULT_BLOCK_SIZE if block is None else block
+    if fill is not None:
+        spec["fill"] = fill
+    return spec
+
+
+def install_cli_hook() -> None:
+    """Add the ``--jacobi`` flags to every parser vLLM builds from ``EngineArgs``."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make_add(original):
+        @functools.wraps(original)
+        def add_cli_args(parser, *args, **kwargs):
+            parser = original(parser, *args, **kwargs)
+            if not any("--jacobi" in a.option_strings for a in parser._actions):
+                add_jacobi_cli_args(parser)
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    original_add = EngineArgs.__dict__["add_cli_args"]
+    if not getattr(original_add, _PATCHED, False):
+        wrapped = make_add(original_add.__func__)
+        setattr(wrapped, _PATCHED, True)
+        EngineArgs.add_cli_args = wrapped
+
+    original_from = EngineArgs.__dict__["from_cli_args"]
+    if not getattr(original_from, _PATCHED, False):
+        func = original_from.__func__
+
+        @functools.wraps(func)
+        def from_cli_args(cls, args):
+            spec = jacobi_spec_from_cli(args)
+            if spec is not None:
+                args.speculative_config = spec
+            return func(cls, args)
+
+        wrapped = classmethod(from_cli_args)
+        setattr(wrapped, _PATCHED, True)
+        EngineArgs.from_cli_args = wrapped
+
+
+def install() -> None:
+    """Everything the plugin needs in the process that builds configs and parses flags."""
+    install_config_hook()
+    install_cli_hook()
