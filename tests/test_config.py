@@ -1,0 +1,72 @@
+"""Bad Jacobi configurations fail before any engine starts, with a message naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from cllm_vllm.config import to_vllm_speculative_config
+from cllm_vllm.vllm_hooks import check_vllm_surface, jacobi_spec_from_cli
+
+
+def test_translation():
+    spec, opts = to_vllm_speculative_config(
+        {"method": "jacobi", "num_speculative_tokens": 8, "fill": "prompt"}, 512)
+    assert spec == {"method": "custom_class", "model": "cllm_vllm.proposer.JacobiProposer",
+                    "num_speculative_tokens": 8}
+    assert opts.fill == "prompt"
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"method": "jacobi", "num_speculative_tokens": 0}, "must be an integer >= 1"),
+        ({"method": "jacobi", "num_speculative_tokens": -3}, "must be an integer >= 1"),
+        ({"method": "jacobi", "num_speculative_tokens": 512}, "smaller than max_model_len=512"),
+        ({"method": "jacobi", "num_speculative_tokens": 4, "blok": 3}, r"unknown option.*blok"),
+        ({"method": "jacobi", "fill": "magic"}, "unknown Jacobi fill policy 'magic'"),
+    ],
+)
+def test_bad_options(spec, match):
+    with pytest.raises(ValueError, match=match):
+        to_vllm_speculative_config(spec, 512)
+
+
+def test_async_scheduling_is_refused_with_reason():
+    with pytest.raises(ValueError, match="async_scheduling"):
+        to_vllm_speculative_config({"method": "jacobi"}, 512, async_scheduling=True)
+
+
+def test_cli_flags_translate():
+    from argparse import Namespace
+
+    assert jacobi_spec_from_cli(Namespace(jacobi=False, jacobi_block_size=None,
+                                          jacobi_fill=None)) is None
+    spec = jacobi_spec_from_cli(Namespace(jacobi=True, jacobi_block_size=8, jacobi_fill=None,
+                                          speculative_config=None))
+    assert spec == {"method": "jacobi", "num_speculative_tokens": 8}
+    with pytest.raises(ValueError, match="need --jacobi"):
+        jacobi_spec_from_cli(Namespace(jacobi=False, jacobi_block_size=8, jacobi_fill=None))
+
+
+def test_vllm_internals_are_where_we_expect():
+    """Fails loudly when a vLLM upgrade moves one of the seams in cllm_vllm.vllm_hooks."""
+    assert check_vllm_surface() == []
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(speculative_config={"method": "jacobi", "num_speculative_tokens": 0}), ">= 1"),
+        (dict(speculative_config={"method": "jacobi", "num_speculative_tokens": 600}),
+         "smaller than max_model_len"),
+        (dict(speculative_config={"method": "jacobi", "colour": 1}), "unknown option"),
+        (dict(speculative_config={"method": "jacobi"}, async_scheduling=True),
+         "async_scheduling"),
+    ],
+)
+def test_llm_refuses_bad_config_before_engine_start(models, kwargs, match):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=match):
+        LLM(str(models["llama"]), max_model_len=512, **kwargs)

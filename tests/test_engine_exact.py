@@ -1,0 +1,248 @@
+"""Jacobi decoding inside vLLM is exact: token-identical to AR greedy in the same engine.
+
+Every comparison is against an AR engine of the same vLLM build, model and settings
+(speculative config aside).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    MAX_MODEL_LEN,
+    block_pool,
+    engine,
+    generate_ids,
+    prompt_token_ids,
+    repetitive_prompts,
+)
+
+from cllm_vllm.stats import batch_acceptance, engine_acceptance
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 48
+PROMPTS = prompt_token_ids(64, seed=0) + repetitive_prompts(16, seed=1)
+
+
+def greedy(max_tokens=MAX_TOKENS, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def ar(models):
+    with engine(models["llama"]) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def reference(ar):
+    """AR greedy continuations of PROMPTS."""
+    return generate_ids(ar, PROMPTS, greedy())
+
+
+@pytest.fixture(scope="module")
+def jacobi(models):
+    """Jacobi with vLLM's default scheduler settings (prefix caching, chunked prefill)."""
+    with engine(models["llama"], jacobi_k=7) as llm:
+        yield llm
+
+
+def assert_same(got, want):
+    bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
+    assert not bad, f"{len(bad)} of {len(want)} outputs differ from AR, first at {bad[0]}:\n" \
+        f"jacobi {got[bad[0]]}\nAR     {want[bad[0]]}"
+
+
+def test_default_scheduler_settings(jacobi):
+    cfg = jacobi.llm_engine.vllm_config
+    assert cfg.cache_config.enable_prefix_caching
+    assert cfg.scheduler_config.enable_chunked_prefill
+    # vLLM 0.32 turns async scheduling off for CPU-side drafters; Jacobi runs as vLLM decides.
+    assert cfg.scheduler_config.async_scheduling is False
+    assert cfg.speculative_config.num_speculative_tokens == 7
+
+
+def test_single_request(jacobi, reference):
+    assert generate_ids(jacobi, PROMPTS[:1], greedy()) == reference[:1]
+
+
+def test_64_concurrent_requests_of_different_lengths(jacobi, reference):
+    assert len({len(p) for p in PROMPTS[:64]}) > 30
+    assert_same(generate_ids(jacobi, PROMPTS[:64], greedy()), reference[:64])
+
+
+def test_many_batches(jacobi, reference):
+    """Different batch compositions: each request's output must not depend on its batch."""
+    rng = np.random.default_rng(3)
+    for size in (2, 5, 13, 80):
+        idx = rng.choice(len(PROMPTS), size=min(size, len(PROMPTS)), replace=False)
+        got = generate_ids(jacobi, [PROMPTS[i] for i in idx], greedy())
+        assert_same(got, [reference[i] for i in idx])
+
+
+def test_repeating_continuations_accept_more_than_one_and_a_half_tokens(models):
+    """On a model whose greedy output cycles, drafts are proposed and really accepted;
+    the outputs stay AR's."""
+    from vllm.inputs import TokensPrompt
+
+    prompts = prompt_token_ids(16, seed=21, max_len=60)
+    with engine(models["loop"]) as ar_loop:
+        want = generate_ids(ar_loop, prompts, greedy(max_tokens=96))
+    with engine(models["loop"], jacobi_k=7) as llm:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            greedy(max_tokens=96), use_tqdm=False)
+        engine_acc = engine_acceptance(llm)
+    assert_same([list(o.outputs[0].token_ids) for o in outs], want)
+    acc = batch_acceptance(outs)
+    assert acc.tokens_per_step > 1.5, acc
+    # The engine-wide counters (vLLM's vllm:spec_decode_* metrics) tell the same story.
+    assert engine_acc == acc
+
+
+@pytest.mark.parametrize("k", [1, 2, 16, 31])
+def test_block_sizes(models, reference, k):
+    idx = list(range(0, 64, 4)) + list(range(64, 80))
+    with engine(models["llama"], jacobi_k=k) as llm:
+        got = generate_ids(llm, [PROMPTS[i] for i in idx], greedy())
+        acc = engine_acceptance(llm)
+    assert_same(got, [reference[i] for i in idx])
+    assert acc.steps > 0 and acc.drafted == pytest.approx(acc.steps * k, rel=0.2)
+
+
+def test_continuous_batching(jacobi, reference):
+    """Requests join while others are mid-generation; each output still matches AR."""
+    from vllm.inputs import TokensPrompt
+
+    eng = jacobi.llm_engine
+    waves = [range(0, 10), range(10, 30), range(30, 40)]
+    outputs: dict[str, list[int]] = {}
+    for wave in waves:
+        for i in wave:
+            eng.add_request(f"cb-{i}", TokensPrompt(prompt_token_ids=PROMPTS[i]), greedy())
+        for _ in range(3):  # let this wave run a few steps before the next one arrives
+            for out in eng.step():
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+    got = [outputs[f"cb-{i}"] for i in range(40)]
+    assert_same(got, reference[:40])
+
+
+def test_stop_conditions(ar, jacobi, reference):
+    """max_tokens, stop_token_ids, stop strings and EOS cut exactly where AR cuts."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = np.random.default_rng(5)
+    params = []
+    for i in range(40):
+        ref = reference[i]
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)),
+                                         ignore_eos=True))
+        elif kind == 1:  # a stop token that the continuation really contains
+            params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                         stop_token_ids=[ref[int(rng.integers(3, 30))]]))
+        elif kind == 2:  # a stop string from the middle of the AR text
+            params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                         stop=["@@"]))
+        else:  # EOS (the model's generation config names a token it really emits)
+            params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS[:40]]
+    # Stop strings: take a piece of each AR text (needs the AR text first).
+    ar_text = ar.generate(prompts, greedy(), use_tqdm=False)
+    for i in range(2, 40, 4):
+        text = ar_text[i].outputs[0].text
+        mid = len(text) // 2
+        params[i].stop = [text[mid : mid + 3]] if text[mid : mid + 3].strip() else ["@@"]
+    want = ar.generate(prompts, params, use_tqdm=False)
+    got = jacobi.generate(prompts, params, use_tqdm=False)
+    for w, g in zip(want, got, strict=True):
+        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids)
+        assert g.outputs[0].text == w.outputs[0].text
+        assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
+    reasons = [w.outputs[0].finish_reason for w in want]
+    # The stops really fired (not everything ran to max_tokens).
+    assert reasons.count("stop") >= 10, reasons
+    eos_cut = [len(want[i].outputs[0].token_ids) < MAX_TOKENS for i in range(3, 40, 4)]
+    assert any(eos_cut), "the EOS token never fired: the EOS case tests nothing"
+
+
+def test_preemption_chunked_prefill_prefix_caching(models, reference):
+    """A KV cache too small for the batch forces preemption and recompute; long prompts are
+    prefilled in chunks; shared prefixes hit the prefix cache. Outputs stay AR's."""
+    # Requests share a 130-token prefix (one full 128-token block of the CPU backend, for
+    # the prefix cache) and grow to ~400 tokens (4 blocks): a 5-block cache holds two of
+    # them only by preempting one.
+    shared = prompt_token_ids(1, seed=14, min_len=130, max_len=130)[0]
+    prompts = [shared + p for p in prompt_token_ids(12, seed=13, min_len=26, max_len=56)]
+    with engine(models["llama"]) as ar_small:
+        want = generate_ids(ar_small, prompts, greedy(max_tokens=200))
+    with engine(models["llama"], jacobi_k=16, num_gpu_blocks_override=5,
+                max_num_batched_tokens=64, max_num_seqs=16) as llm:
+        pool = block_pool(llm)
+        free_before = pool.get_num_free_blocks()
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        preempted = []
+        preempt = sched._preempt_request
+        sched._preempt_request = lambda req, *a, **kw: (preempted.append(req.request_id),
+                                                         preempt(req, *a, **kw))[1]
+        got = generate_ids(llm, prompts, greedy(max_tokens=200))
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        assert preempted, "the small KV cache forced no preemption"
+        assert metrics.get("vllm:prefix_cache_hits", 0) > 0
+        assert sched.scheduler_config.max_num_batched_tokens == 64
+        assert pool.get_num_free_blocks() == free_before
+    assert_same(got, want)
+
+
+def test_no_kv_leak_after_batch_and_abort(jacobi):
+    from vllm.inputs import TokensPrompt
+
+    pool = block_pool(jacobi)
+    eng = jacobi.llm_engine
+    assert not eng.has_unfinished_requests()
+    free_start = pool.get_num_free_blocks()
+    generate_ids(jacobi, PROMPTS[:32], greedy())
+    assert pool.get_num_free_blocks() == free_start
+    for i in range(16):
+        eng.add_request(f"ab-{i}", TokensPrompt(prompt_token_ids=PROMPTS[i]),
+                        greedy(max_tokens=300))
+    for _ in range(4):
+        eng.step()
+    assert pool.get_num_free_blocks() < free_start  # they hold blocks now
+    eng.abort_request([f"ab-{i}" for i in range(0, 16, 2)])
+    for _ in range(2):
+        eng.step()
+    eng.abort_request([f"ab-{i}" for i in range(1, 16, 2)])
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert pool.get_num_free_blocks() == free_start
+
+
+def test_greedy_and_sampled_share_a_batch(jacobi, reference):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [greedy() if i % 2 == 0 else
+              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_TOKENS, ignore_eos=True)
+              for i in range(32)]
+    outs = jacobi.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS[:32]], params,
+                           use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert_same(got[::2], reference[:32:2])
+    assert all(len(g) == MAX_TOKENS for g in got[1::2])
+
+
+def test_near_max_model_len(jacobi, ar):
+    """Drafts never run past max_model_len; the output ends where AR's does."""
+    prompt = prompt_token_ids(1, seed=9, min_len=MAX_MODEL_LEN - 20, max_len=MAX_MODEL_LEN - 20)
+    want = generate_ids(ar, prompt, greedy(max_tokens=20))
+    assert generate_ids(jacobi, prompt, greedy(max_tokens=20)) == want
