@@ -240,6 +240,11 @@ def install_cli_hook() -> None:
             spec = jacobi_spec_from_cli(args)
             if spec is not None:
                 args.speculative_config = spec
+                if hasattr(args, "middleware"):  # `vllm serve`: strict request fields
+                    from cllm_vllm.server import MIDDLEWARE
+
+                    if MIDDLEWARE not in (args.middleware or []):
+                        args.middleware = [*(args.middleware or []), MIDDLEWARE]
             return func(cls, args)
 
         wrapped = classmethod(from_cli_args)

@@ -1,0 +1,50 @@
+"""``cllm-vllm``: the project's command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def check() -> int:
+    """Is this install ready to serve Jacobi decoding? Prints what is wrong, exits non-zero."""
+    problems = []
+    for broken in ("torchvision", "torchaudio", "torchcodec"):
+        if importlib.util.find_spec(broken) is not None:
+            problems.append(
+                f"{broken} is installed: PyPI's build breaks `import transformers` beside "
+                f"the CPU torch; run `pip uninstall -y {broken}` (make setup does)"
+            )
+    if problems:  # importing vLLM would crash on them: report and stop here
+        for p in problems:
+            print(f"problem: {p}")
+        return 1
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "cllm_vllm" for ep in entry_points(group="vllm.general_plugins")):
+        problems.append("the vllm.general_plugins entry point is missing: reinstall the package")
+    from cllm_vllm.vllm_hooks import check_vllm_surface
+
+    problems += check_vllm_surface()
+    for p in problems:
+        print(f"problem: {p}")
+    if not problems:
+        import vllm
+
+        print(f"ok: vLLM {vllm.__version__}; method='jacobi' and --jacobi are available")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cllm-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help=check.__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return check()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""`vllm serve MODEL --jacobi`: the OpenAI-compatible server, against an AR server, on loopback.
+
+Both servers are started with the real `vllm` command (this package's entry point) on
+127.0.0.1, once per module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import prompt_token_ids
+
+pytestmark = pytest.mark.engine
+
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+              "--kv-cache-memory-bytes", str(64 * 2**20), "--host", "127.0.0.1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, extra: list[str], log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = str(model)
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            ["vllm", "serve", self.model, "--port", str(self.port), *SERVE_ARGS, *extra],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early, see {self.log.name}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server did not start, see {self.log.name}")
+
+    def metric(self, name: str) -> float:
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        values = [float(m.group(1)) for m in
+                  re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
+        return sum(values)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("server-logs")
+    ar = Server(models["llama"], [], logs / "ar.log")
+    jac = Server(models["llama"], ["--jacobi", "--jacobi-block-size", "5"], logs / "jacobi.log")
+    try:
+        ar.wait()
+        jac.wait()
+        yield ar, jac
+    finally:
+        ar.stop()
+        jac.stop()
+
+
+def _completion(server, **body):
+    body = {"model": server.model, "temperature": 0, "max_tokens": 24, **body}
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream_text(server, path, body) -> str:
+    body = {"model": server.model, "temperature": 0, "max_tokens": 24, **body, "stream": True}
+    text = []
+    with requests.post(server.url + path, json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return "".join(text)
+
+
+def test_help_documents_the_flags():
+    out = subprocess.run(["vllm", "serve", "--help=jacobi"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--jacobi-block-size" in out.stdout and "--jacobi " in out.stdout
+
+
+def test_vllm_command_runs_on_the_cpu_build():
+    out = subprocess.run(["vllm", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("0.32.0")
+
+
+def test_server_runs_jacobi(servers):
+    _, jac = servers
+    _completion(jac, prompt=prompt_token_ids(1, seed=3)[0], max_tokens=32)
+    assert jac.metric("vllm:spec_decode_num_drafts_total") > 0
+    assert jac.metric("vllm:spec_decode_num_accepted_tokens_total") >= 0
+
+
+def test_completions_and_chat_match_ar_streaming_or_not(servers):
+    ar, jac = servers
+    for prompt in prompt_token_ids(6, seed=5, max_len=80):
+        want = _completion(ar, prompt=prompt)["choices"][0]["text"]
+        assert _completion(jac, prompt=prompt)["choices"][0]["text"] == want
+        assert _stream_text(jac, "/v1/completions", {"prompt": prompt}) == want
+    for text in ["the cat runs fast", "how many birds are there", "one two three"]:
+        body = {"model": ar.model, "temperature": 0, "max_tokens": 24,
+                "messages": [{"role": "user", "content": text}]}
+        want = requests.post(ar.url + "/v1/chat/completions", json=body, timeout=60).json()
+        got = requests.post(jac.url + "/v1/chat/completions",
+                            json={**body, "model": jac.model}, timeout=60).json()
+        assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+        streamed = _stream_text(jac, "/v1/chat/completions", {"messages": body["messages"]})
+        assert streamed == want["choices"][0]["message"]["content"]
+
+
+def test_64_concurrent_streaming_clients(servers):
+    """256 streamed requests from 64 concurrent official `openai` clients: no errors, and
+    every text is the AR server's."""
+    import openai
+
+    ar, jac = servers
+    prompts = prompt_token_ids(256, seed=8, max_len=60)
+
+    async def run(server) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        sem = asyncio.Semaphore(64)
+
+        async def one(p):
+            async with sem:
+                stream = await client.completions.create(
+                    model=server.model, prompt=p, max_tokens=16, temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream])
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    want = asyncio.run(run(ar))
+    got = asyncio.run(run(jac))
+    assert got == want
+
+
+def test_disconnects_abort_and_free_the_kv_cache(servers):
+    _, jac = servers
+    body = {"model": jac.model, "prompt": prompt_token_ids(1, seed=2)[0], "max_tokens": 400,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    for _ in range(8):  # read a few chunks, then hang up
+        with requests.post(jac.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+            for i, _line in enumerate(r.iter_lines()):
+                if i > 3:
+                    break
+    deadline = time.time() + 60
+    while time.time() < deadline and (jac.metric("vllm:num_requests_running") > 0
+                                      or jac.metric("vllm:kv_cache_usage_perc") > 0):
+        time.sleep(0.5)
+    assert jac.metric("vllm:num_requests_running") == 0
+    assert jac.metric("vllm:kv_cache_usage_perc") == 0
+    _completion(jac, prompt=[5, 6, 7])  # still serving
+
+
+@pytest.mark.parametrize(
+    "body, raw",
+    [
+        ({"prompt": "hi", "max_tokens": -1}, None),
+        ({"prompt": "hi", "max_tokens": 8, "no_such_field": 1}, None),
+        ({"prompt": [5] * 600, "max_tokens": 8}, None),
+        (None, b'{"model": "x", "prompt": '),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(servers, body, raw):
+    _, jac = servers
+    if raw is not None:
+        r = requests.post(jac.url + "/v1/completions", data=raw, timeout=30,
+                          headers={"content-type": "application/json"})
+    else:
+        r = requests.post(jac.url + "/v1/completions", json={"model": jac.model, **body},
+                          timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.text
+    _completion(jac, prompt=[5, 6, 7])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
