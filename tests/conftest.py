@@ -127,5 +127,5 @@ def generate_ids(llm, prompts, params) -> list[list[int]]:
     from vllm.inputs import TokensPrompt
 
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                        use_tqdm=False)
+                        use_tqdm=False)  # params: one SamplingParams or one per prompt
     return [list(o.outputs[0].token_ids) for o in outs]

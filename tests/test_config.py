@@ -70,3 +70,25 @@ def test_llm_refuses_bad_config_before_engine_start(models, kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         LLM(str(models["llama"]), max_model_len=512, **kwargs)
+
+
+def test_speculative_config_json_on_the_command_line(models):
+    """`vllm serve M --speculative-config '{"method": "jacobi", ...}'` and `--jacobi` build
+    the same engine config (parsed by vLLM's own serve parser, no engine started)."""
+    import json as _json
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    def spec_of(argv):
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+        return AsyncEngineArgs.from_cli_args(args).create_engine_config().speculative_config
+
+    base = ["--model", str(models["llama"]), "--max-model-len", "512"]
+    a = spec_of(base + ["--speculative-config",
+                        _json.dumps({"method": "jacobi", "num_speculative_tokens": 6})])
+    b = spec_of(base + ["--jacobi", "--jacobi-block-size", "6"])
+    for cfg in (a, b):
+        assert cfg.method == "custom_class" and cfg.num_speculative_tokens == 6
+        assert cfg.model == "cllm_vllm.proposer.JacobiProposer"

@@ -11,7 +11,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -209,5 +208,23 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(servers, body, raw):
     _completion(jac, prompt=[5, 6, 7])
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_seeded_requests_under_load_do_not_take_the_server_down(servers):
+    """60 concurrent seeded requests with long prompts (their prefills get chunked)."""
+    import openai
+
+    _, jac = servers
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=jac.url + "/v1", api_key="x", max_retries=0)
+        try:
+            return await asyncio.gather(*(
+                client.completions.create(model=jac.model, prompt=[5 + i % 50] * 450,
+                                          max_tokens=8, temperature=1.0, seed=i)
+                for i in range(60)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 60
+    assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
+    assert requests.get(jac.url + "/health", timeout=10).status_code == 200
