@@ -21,19 +21,6 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def build_looping_model(path: str) -> str:
-    import torch
-
-    from cllm_vllm.training.tiny import build_tiny_model
-
-    model = build_tiny_model(path, hidden_size=128, num_heads=4, num_kv_heads=2,
-                             initializer_range=0.1, seed=1)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(100.0)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def load_prompts(model: str, path: str | None, n: int) -> list[list[int]]:
     import numpy as np
     from transformers import AutoTokenizer
@@ -82,7 +69,12 @@ def main(argv=None) -> int:
 
     from vllm import LLM
 
-    model = args.model or build_looping_model("results/tiny-looping-llama")
+    model = args.model
+    if model is None:
+        from cllm_vllm.training.tiny import build_looping_model
+
+        model = "results/tiny-looping-llama"
+        build_looping_model(model)
     prompts = load_prompts(model, args.prompts, args.num_prompts)
     common = dict(dtype="float32", enforce_eager=True, max_model_len=1024,
                   kv_cache_memory_bytes=128 * 2**20)

@@ -99,10 +99,10 @@ def main(argv=None) -> int:
 
     model = args.model
     if model is None:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from ar_vs_jacobi import build_looping_model
+        from cllm_vllm.training.tiny import build_looping_model
 
-        model = build_looping_model("results/tiny-looping-llama")
+        model = "results/tiny-looping-llama"
+        build_looping_model(model)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -133,11 +133,10 @@ def install_runner_hook() -> None:
     Called from the proposer's constructor, i.e. only in worker processes that draft
     with Jacobi, after vLLM's model runner module is fully imported.
     """
+    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from cllm_vllm.proposer import JacobiProposer
-
-    from vllm.platforms import current_platform
 
     install_cpu_expand_fix()
     on_cpu = current_platform.is_cpu()
@@ -234,12 +233,14 @@ def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
         "--jacobi-block-size",
         type=int,
         default=None,
-        help=f"Guess block size k, i.e. tokens verified per step (default {jcfg.DEFAULT_BLOCK_SIZE}).",
+        help="Guess block size k, i.e. tokens verified per step "
+        f"(default {jcfg.DEFAULT_BLOCK_SIZE}).",
     )
     group.add_argument(
         "--jacobi-fill",
         default=None,
-        help="How guess blocks are formed beyond the Jacobi tail: ngram-first (default), ngram, prompt or repeat.",
+        help="How guess blocks are formed beyond the Jacobi tail: ngram-first (default), "
+        "ngram, prompt or repeat.",
     )
 
 

@@ -52,22 +52,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
     ``initializer_range=0.1`` makes the random logits peaked, so greedy continuations
     fall into loops (repetitive text) and argmax ties are rare.
     """
-    import torch
-
-    from cllm_vllm.training.tiny import build_tiny_model, synthetic_text, train_tokenizer
+    from cllm_vllm.training.tiny import (
+        build_looping_model,
+        build_tiny_model,
+        synthetic_text,
+        train_tokenizer,
+    )
 
     root = tmp_path_factory.mktemp("models")
     tok = train_tokenizer(synthetic_text(3000), 512, root / "tokenizer")
     paths = {"llama": root / "llama-gqa", "qwen2": root / "qwen2-tied", "loop": root / "loop"}
     build_tiny_model(paths["llama"], tok, "llama", hidden_size=128, num_heads=4,
                      num_kv_heads=2, initializer_range=0.1, seed=1)
-    # A model whose greedy continuation falls into short cycles: the embedding dominates
-    # the residual stream, so the next token is nearly a function of the current one.
-    loop = build_tiny_model(paths["loop"], tok, "llama", hidden_size=128, num_heads=4,
-                            num_kv_heads=2, initializer_range=0.1, seed=1)
-    with torch.no_grad():
-        loop.model.embed_tokens.weight.mul_(100.0)
-    loop.save_pretrained(str(paths["loop"]), safe_serialization=True)
+    build_looping_model(paths["loop"], tok)
     build_tiny_model(paths["qwen2"], tok, "qwen2", hidden_size=64, num_heads=2,
                      num_kv_heads=1, tie_word_embeddings=True, initializer_range=0.1,
                      seed=2)
@@ -80,7 +77,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def prompt_token_ids(n: int, seed: int = 0, min_len: int = 2, max_len: int = 200) -> list[list[int]]:
+def prompt_token_ids(
+    n: int, seed: int = 0, min_len: int = 2, max_len: int = 200
+) -> list[list[int]]:
     """``n`` prompts of random tokens with lengths spread over [min_len, max_len]."""
     rng = np.random.default_rng(seed)
     lens = rng.integers(min_len, max_len + 1, size=n)

@@ -61,7 +61,8 @@ def test_ngram_fill_continues_a_loop():
 
 
 def test_ngram_fill_without_match_repeats_last():
-    assert fill_guess(np.array([1, 2, 3]), np.array([], dtype=int), 3, "ngram").tolist() == [3, 3, 3]
+    no_match = fill_guess(np.array([1, 2, 3]), np.array([], dtype=int), 3, "ngram")
+    assert no_match.tolist() == [3, 3, 3]
 
 
 def test_prompt_fill_draws_from_prompt_deterministically():

@@ -124,3 +124,20 @@ def build_tiny_model(
         json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
     )
     return model
+
+
+def build_looping_model(out_dir: str | Path, tokenizer=None, seed: int = 1):
+    """A tiny Llama whose greedy continuation falls into short cycles.
+
+    Scaling the embeddings by 100 makes them dominate the residual stream, so the next
+    token is nearly a function of the current one and greedy decoding soon repeats: the
+    model tests and benchmarks use to show drafts being proposed and accepted.
+    """
+    import torch
+
+    model = build_tiny_model(out_dir, tokenizer, "llama", hidden_size=128, num_heads=4,
+                             num_kv_heads=2, initializer_range=0.1, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(100.0)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model
