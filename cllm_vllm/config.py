@@ -89,10 +89,3 @@ def attach_options(spec_config: Any, options: JacobiOptions) -> None:
     """Carry the Jacobi options on vLLM's SpeculativeConfig (it is pickled to workers)."""
     object.__setattr__(spec_config, OPTIONS_ATTR, asdict(options))
 
-
-def is_jacobi_speculative_config(spec_config: Any) -> bool:
-    return (
-        spec_config is not None
-        and getattr(spec_config, "method", None) == "custom_class"
-        and getattr(spec_config, "model", None) == PROPOSER_CLASS
-    )

@@ -38,8 +38,8 @@ class JacobiProposer:
         self.max_model_len: int = vllm_config.model_config.max_model_len
         # Filled by observe_verification() for the step being sampled, consumed by propose().
         self._argmax: torch.Tensor | None = None
+        # Row i of the batch owns logits rows [_row_offsets[i], _row_offsets[i + 1]).
         self._row_offsets: np.ndarray | None = None
-        self._num_draft: list[int] | None = None
         self._num_prompt_tokens: np.ndarray | None = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -58,12 +58,11 @@ class JacobiProposer:
         """
         self._num_prompt_tokens = num_prompt_tokens
         if num_draft_tokens is None:
-            self._argmax = self._num_draft = self._row_offsets = None
+            self._argmax = self._row_offsets = None
             return
         # The argmax is taken before vLLM's sampler rescales or masks the logits in place;
         # neither temperature nor top-k/top-p moves the argmax, so this is the greedy target.
         self._argmax = logits.argmax(dim=-1)
-        self._num_draft = num_draft_tokens
         self._row_offsets = np.concatenate(
             [[0], np.cumsum(np.asarray(num_draft_tokens) + 1)]
         )
@@ -90,9 +89,9 @@ class JacobiProposer:
                 drafts.append([])
                 continue
             tail = np.empty(0, dtype=np.int64)
-            if argmax is not None and self._num_draft[i] > 0:
-                start = self._row_offsets[i]
-                target = argmax[start : start + self._num_draft[i] + 1]
+            if argmax is not None:
+                # One row per draft token plus the bonus row; a single row means no draft.
+                target = argmax[self._row_offsets[i] : self._row_offsets[i + 1]]
                 tail = split_verified(target, len(sampled) - 1).tail
             guess = fill_guess(
                 token_ids_cpu[i, :n_tok],
