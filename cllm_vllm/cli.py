@@ -37,13 +37,27 @@ def check() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cllm_vllm.training import commands
+
     parser = argparse.ArgumentParser(prog="cllm-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help=check.__doc__.splitlines()[0])
+    commands.add_collect_args(sub.add_parser(
+        "collect", help="Jacobi trajectories of a teacher model (resumable shards)"))
+    commands.add_train_args(sub.add_parser(
+        "train", help="consistency + AR training on trajectories -> an HF checkpoint"))
     args = parser.parse_args(argv)
     if args.command == "check":
         return check()
-    return 2
+    from cllm_vllm.training.data import DataError
+    from cllm_vllm.training.trajectories import TrajectoryError
+
+    run = {"collect": commands.run_collect, "train": commands.run_train}[args.command]
+    try:
+        return run(args)
+    except (commands.UsageError, DataError, TrajectoryError) as e:
+        print(f"cllm-vllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

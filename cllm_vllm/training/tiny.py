@@ -36,13 +36,22 @@ def synthetic_text(n_lines: int, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a byte-level BPE tokenizer and save it in HF format; returns the HF tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
+                    individual_digits: bool = False):
+    """Train a byte-level BPE tokenizer and save it in HF format; returns the HF tokenizer.
+
+    ``individual_digits`` splits numbers into single digits (one token each), which small
+    models need to learn arithmetic.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

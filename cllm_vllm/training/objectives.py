@@ -1,0 +1,204 @@
+"""What the trainer optimises: batches from data, per-sample losses from a batch.
+
+* :class:`LMObjective`: supervised AR training on (prompt, answer) pairs; trains the
+  bundled teacher.
+* :class:`CLLMObjective`: consistency (global or local) plus AR loss on Jacobi
+  trajectories (Kou et al. 2024); turns a teacher into a CLLM.
+
+Both pack all rows of a step into one forward pass: DDP expects one forward per backward.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .losses import ar_loss, consistency_loss, unconverged_mask
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into ``input_ids`` and ``attention_mask``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        att[i, : len(r)] = 1
+    return ids, att
+
+
+def _next_token_view(logits: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor):
+    """Align ``logits[t]`` with the token it predicts, ``ids[t + 1]``."""
+    return logits[:, :-1], ids[:, 1:], loss_mask[:, 1:]
+
+
+class LMObjective:
+    """AR loss on the answer tokens of ``(prompt_ids, answer_ids)`` pairs.
+
+    With ``batch_tokens`` a sample is a group of pairs of similar length whose padded size
+    stays under that budget (use ``batch_size=1`` then): mixing 80- and 380-token
+    sequences in one padded batch would waste most of the compute on padding. A group's
+    loss is the mean of its pairs' losses. Groups are fixed by ``seed``.
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                 max_len: int = 512, label_smoothing: float = 0.0,
+                 batch_tokens: int | None = None, seed: int = 0):
+        self.pairs = [(p, a[: max(0, max_len - len(p))]) for p, a in pairs]
+        self.pad_id = pad_id
+        self.label_smoothing = label_smoothing
+        if batch_tokens is None:
+            self.groups = [[i] for i in range(len(self.pairs))]
+        else:
+            self.groups = _length_groups([len(p) + len(a) for p, a in self.pairs],
+                                         batch_tokens, seed)
+        self.num_samples = len(self.groups)
+
+    def collate(self, samples):
+        rows, masks, owner = [], [], []
+        for k, (index, _rng) in enumerate(samples):
+            for i in self.groups[index]:
+                prompt, answer = self.pairs[i]
+                rows.append(prompt + answer)
+                masks.append([0] * len(prompt) + [1] * len(answer))
+                owner.append(k)
+        ids, att = pad_rows(rows, self.pad_id)
+        loss_mask, _ = pad_rows(masks, 0)
+        return {"input_ids": ids, "attention_mask": att, "loss_mask": loss_mask,
+                "owner": torch.tensor(owner)}
+
+    def losses(self, model, batch):
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        lg, labels, mask = _next_token_view(logits, batch["input_ids"], batch["loss_mask"])
+        per_row = ar_loss(lg, labels, mask, self.label_smoothing)
+        owner = batch["owner"]
+        n = int(owner.max()) + 1
+        sums = torch.zeros(n, device=per_row.device).index_add(0, owner, per_row)
+        counts = torch.zeros(n, device=per_row.device).index_add(
+            0, owner, torch.ones_like(per_row))
+        ar = sums / counts
+        return {"loss": ar, "ar": ar}
+
+
+def _length_groups(lengths: list[int], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group's ``rows * max_len <= batch_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], random.Random(seed + i).random()))
+    groups, cur, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and w * (len(cur) + 1) > batch_tokens:
+            groups.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass(frozen=True)
+class BlockSample:
+    """One block of one trajectory, as the CLLM objective trains on it."""
+
+    prompt: list[int]
+    prefix_output: list[int]
+    """The fixed points of the earlier blocks of the same answer."""
+    states: list[list[int]]
+    """Jacobi states from the initial guess to the fixed point (the last one)."""
+    answer: list[int] | None = None
+    """Ground-truth answer tokens (with EOS), when the data has them."""
+
+
+class CLLMObjective:
+    """``loss = consistency + ar_weight * AR`` on Jacobi trajectories.
+
+    * ``consistency="global"`` (GC): the student sees a random non-final state ``y_j``,
+      the target is the model's own distribution at the fixed point ``y*``.
+    * ``consistency="local"`` (LC): the target is the next state ``y_(j+1)``.
+    * AR: cross-entropy on the answer so far plus ``y*`` (the teacher's greedy output), or
+      on the ground-truth answer with ``ar_labels="ground-truth"`` where the data has one.
+    """
+
+    def __init__(self, blocks: list[BlockSample], pad_id: int, consistency: str = "global",
+                 distance: str = "fkl", ar_weight: float = 10.0,
+                 label_smoothing: float = 0.0, ar_labels: str = "teacher"):
+        if consistency not in ("global", "local"):
+            raise ValueError(f"consistency must be 'global' or 'local', got {consistency!r}")
+        if ar_labels not in ("teacher", "ground-truth"):
+            raise ValueError(f"ar_labels must be 'teacher' or 'ground-truth', got {ar_labels!r}")
+        if ar_labels == "ground-truth" and any(b.answer is None for b in blocks):
+            raise ValueError("ar_labels='ground-truth' needs an answer in every record; "
+                             "the trajectories have prompts without one")
+        self.blocks = [b for b in blocks if len(b.states) >= 2]
+        if not self.blocks:
+            raise ValueError("no trajectory block has a state before its fixed point")
+        self.pad_id = pad_id
+        self.consistency = consistency
+        self.distance = distance
+        self.ar_weight = ar_weight
+        self.label_smoothing = label_smoothing
+        self.ar_labels = ar_labels
+        self.num_samples = len(self.blocks)
+
+    def collate(self, samples):
+        rows: list[list[int]] = []
+        student, target, ar, starts, n_block = [], [], [], [], []
+        masks, ar_masks = [], []
+        for index, rng in samples:
+            b = self.blocks[index]
+            j = rng.randrange(len(b.states) - 1)
+            fixed = b.states[-1]
+            goal = fixed if self.consistency == "global" else b.states[j + 1]
+            prefix = b.prompt + b.prefix_output
+            starts.append(len(prefix))
+            n_block.append(len(fixed))
+            student.append(len(rows))
+            rows.append(prefix + b.states[j])
+            masks.append(unconverged_mask(torch.tensor(b.states[j]), torch.tensor(goal)))
+            ar_row = (b.prompt + b.answer if self.ar_labels == "ground-truth"
+                      else prefix + fixed)
+            if ar_row == prefix + goal:  # one row is both the AR row and the target
+                target.append(len(rows))
+                ar.append(len(rows))
+                rows.append(ar_row)
+            else:
+                target.append(len(rows))
+                rows.append(prefix + goal)
+                ar.append(len(rows))
+                rows.append(ar_row)
+            ar_masks.append([0] * len(b.prompt) + [1] * (len(ar_row) - len(b.prompt)))
+        ids, att = pad_rows(rows, self.pad_id)
+        ar_mask = torch.zeros_like(ids)
+        for k, m in zip(ar, ar_masks, strict=True):
+            ar_mask[k, : len(m)] = torch.tensor(m)
+        n = max(n_block)
+        cons_mask = torch.zeros((len(samples), n), dtype=torch.bool)
+        for i, m in enumerate(masks):
+            cons_mask[i, : len(m)] = m
+        return {"input_ids": ids, "attention_mask": att, "ar_mask": ar_mask,
+                "student": torch.tensor(student), "target": torch.tensor(target),
+                "ar": torch.tensor(ar), "block_start": torch.tensor(starts),
+                "block_len": torch.tensor(n_block), "consistency_mask": cons_mask}
+
+    def losses(self, model, batch):
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        n = batch["consistency_mask"].shape[1]
+        # Block position i is predicted from the token before it: logits row start-1+i.
+        pos = batch["block_start"][:, None] - 1 + torch.arange(n, device=logits.device)
+        pos = pos.clamp(max=logits.shape[1] - 1)
+        gather = pos[..., None].expand(-1, -1, logits.shape[-1])
+        s_logits = logits[batch["student"]].gather(1, gather)
+        t_logits = logits[batch["target"]].gather(1, gather).detach()
+        valid = torch.arange(n, device=logits.device) < batch["block_len"][:, None]
+        cons = consistency_loss(s_logits, t_logits, batch["consistency_mask"] & valid,
+                                self.distance)
+        ar_rows = batch["ar"]
+        lg, labels, mask = _next_token_view(logits[ar_rows], batch["input_ids"][ar_rows],
+                                            batch["ar_mask"][ar_rows])
+        ar = ar_loss(lg, labels, mask, self.label_smoothing)
+        return {"loss": cons + self.ar_weight * ar, "consistency": cons, "ar": ar}
+

@@ -1,0 +1,315 @@
+"""Jacobi trajectories of a teacher: every block state from the initial guess to the fixed point.
+
+For each prompt, blocks of ``n`` tokens are decoded one after another (up to
+``max_new_tokens`` or EOS). A block starts from the same initial guess serving uses
+(:func:`cllm_vllm.fill.fill_guess`) and is updated with :func:`cllm_vllm.jacobi.jacobi_step`
+until it is a fixed point, which is the teacher's AR greedy output. Many prompts run as
+one batch (left-padded), and the KV cache holds the prompt and every committed block: one
+iteration runs the model on ``n + 1`` new tokens per prompt, not on the whole sequence.
+
+On disk (``out_dir``), schema version 1:
+
+* ``manifest.json``: ``{"version", "teacher", "tokenizer_hash", "vocab_size",
+  "block_size", "max_new_tokens", "fill", "shard_size", "num_prompts", "prompts_hash",
+  "shards": {name: {"records", "blocks", "dropped_blocks"}}}``.
+* ``shard-00000.jsonl`` ...: prompt ``i`` lives in shard ``i // shard_size``; one JSON
+  line per prompt: ``{"id", "prompt": [ids], "answer": [ids] | null, "blocks":
+  [[state_0, ..., fixed_point], ...], "eos": bool}``. Every state is ``n`` token ids.
+  ``answer`` is the ground-truth reply with EOS, when the data had one.
+
+A shard is written whole (temp file, then rename) and recorded in the manifest, so a
+killed run resumes at the first missing shard and nothing is lost or written twice.
+Cleaning: a trajectory is cut before its first block whose fixed point is a short loop
+(period <= ``n // 4``): the teacher repeating itself teaches nothing useful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..fill import DEFAULT_FILL, fill_guess
+from ..jacobi import jacobi_step
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class TrajectoryError(ValueError):
+    """Trajectory data that cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    block_size: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    shard_size: int = 256
+    fill: str = DEFAULT_FILL
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Fingerprint of a tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]
+    blob = json.dumps([vocab, special]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def is_loop(tokens, max_period: int) -> bool:
+    """Whether ``tokens`` is one pattern of at most ``max_period`` tokens, repeated."""
+    t = np.asarray(tokens)
+    return any(np.array_equal(t[p:], t[:-p]) for p in range(1, max_period + 1) if p < len(t))
+
+
+def _positions(attention: "torch.Tensor", start: int, width: int):  # noqa: F821
+    """Position ids of columns ``start .. start+width-1`` under left padding (all pads
+    come first, so a column's position is its index minus the row's pad count)."""
+    import torch
+
+    pads = (attention == 0).sum(-1, keepdim=True)
+    return torch.arange(start, start + width, device=attention.device)[None] - pads
+
+
+def jacobi_trajectories(model, prompts: list[list[int]], cfg: CollectConfig,
+                        eos_ids: set[int], pad_id: int) -> list[dict]:
+    """Decode ``prompts`` as one batch; returns ``{"blocks", "eos"}`` per prompt."""
+    import torch
+    from transformers import DynamicCache
+
+    n = cfg.block_size
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    bsz = len(prompts)
+    ids = torch.full((bsz, width), pad_id, dtype=torch.long)
+    att = torch.zeros((bsz, width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        att[b, width - len(p):] = 1
+    ids, att = ids.to(device), att.to(device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        if width > 1:
+            model(input_ids=ids[:, :-1], attention_mask=att[:, :-1],
+                  position_ids=_positions(att, 0, width - 1), past_key_values=cache,
+                  use_cache=True)
+        cached = width - 1  # every column but the last exact token ("last") is cached
+        last = ids[:, -1]
+        contexts = [list(p) for p in prompts]
+        out = [{"blocks": [], "eos": False} for _ in prompts]
+        active = [True] * bsz
+        for _ in range(-(-cfg.max_new_tokens // n)):
+            guess = np.stack([fill_guess(np.array(contexts[b]), np.array([], np.int64), n,
+                                         cfg.fill, len(prompts[b])) for b in range(bsz)])
+            states = [[g.tolist()] for g in guess]
+            converged = np.zeros(bsz, dtype=bool)
+            att_step = torch.cat([att, torch.ones((bsz, n), dtype=att.dtype, device=device)], 1)
+            pos = _positions(att_step, cached, n + 1)
+            for _ in range(n + 1):  # each update fixes at least one more token
+                inp = torch.cat([last[:, None], torch.from_numpy(guess).to(device)], 1)
+                logits = model(input_ids=inp, attention_mask=att_step, position_ids=pos,
+                               past_key_values=cache, use_cache=True).logits
+                target = logits.argmax(-1).cpu().numpy()
+                if all(converged[b] or jacobi_step(guess[b], target[b]).num_accepted == n
+                       for b in range(bsz)):
+                    break  # the cache now holds [last, y*]: exact for every row
+                cache.crop(-(n + 1))
+                for b in range(bsz):
+                    if converged[b]:
+                        continue
+                    step = jacobi_step(guess[b], target[b])
+                    if step.num_accepted == n:
+                        converged[b] = True
+                        continue
+                    guess[b] = np.concatenate([step.exact, step.tail])[:n]
+                    states[b].append(guess[b].tolist())
+            else:
+                raise RuntimeError("Jacobi iteration did not converge in n + 1 steps: "
+                                   "the model's argmax is not deterministic")
+            cache.crop(-1)  # keep [last, y*[:n-1]]; y*[n-1] becomes the new last token
+            cached += n
+            att = att_step
+            last = torch.from_numpy(guess[:, -1].copy()).to(device)
+            for b in range(bsz):
+                if not active[b]:
+                    continue
+                fixed = guess[b].tolist()
+                out[b]["blocks"].append(states[b])
+                contexts[b].extend(fixed)
+                if any(t in eos_ids for t in fixed):
+                    out[b]["eos"] = True
+                    active[b] = False
+            if not any(active):
+                break
+    return out
+
+
+def _clean(blocks: list[list[list[int]]], n: int) -> tuple[list, int]:
+    for i, states in enumerate(blocks):
+        if is_loop(states[-1], max(1, n // 4)):
+            return blocks[:i], len(blocks) - i
+    return blocks, 0
+
+
+def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
+            cfg: CollectConfig = CollectConfig(), progress: bool = True,
+            device: str | None = None) -> dict:
+    """Collect trajectories for ``records`` (see :mod:`.data`) into shards; resumes.
+
+    Returns the manifest.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import encode_answer, encode_prompt
+
+    out_dir = Path(out_dir)
+    teacher = Path(teacher)
+    if not (teacher / "config.json").exists():
+        raise TrajectoryError(f"teacher {teacher} is not an HF model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    prompts, answers = [], []
+    for rec in records:
+        p = encode_prompt(tok, rec["messages"])
+        if max_pos and len(p) + cfg.max_new_tokens + cfg.block_size > max_pos:
+            p = p[-(max_pos - cfg.max_new_tokens - cfg.block_size):]
+        prompts.append(p)
+        answers.append(encode_answer(tok, rec["answer"]) if rec.get("answer") else None)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    manifest = {
+        "version": SCHEMA_VERSION, "teacher": str(teacher), "tokenizer_hash": tokenizer_hash(tok),
+        "vocab_size": model.config.vocab_size, **asdict(cfg), "num_prompts": len(prompts),
+        "prompts_hash": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "shards": {},
+    }
+    mpath = out_dir / MANIFEST
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        keys = [k for k in manifest if k not in ("shards", "teacher")]
+        diff = [k for k in keys if old.get(k) != manifest[k]]
+        if diff:
+            raise TrajectoryError(
+                f"{out_dir} holds trajectories collected with other settings ({', '.join(diff)}"
+                f" differ); use another directory or delete it")
+        manifest["shards"] = old["shards"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(mpath, manifest)
+    n_shards = -(-len(prompts) // cfg.shard_size)
+    todo = [s for s in range(n_shards) if shard_name(s) not in manifest["shards"]]
+    bar = tqdm(total=len(prompts), disable=not progress, desc="trajectories",
+               initial=len(prompts) - sum(_shard_len(s, cfg, len(prompts)) for s in todo))
+    for s in todo:
+        lo, hi = s * cfg.shard_size, min(len(prompts), (s + 1) * cfg.shard_size)
+        lines, blocks, dropped = [], 0, 0
+        for b0 in range(lo, hi, cfg.batch_size):
+            idx = list(range(b0, min(hi, b0 + cfg.batch_size)))
+            results = jacobi_trajectories(model, [prompts[i] for i in idx], cfg, eos_ids,
+                                          tok.pad_token_id)
+            for i, res in zip(idx, results, strict=True):
+                kept, cut = _clean(res["blocks"], cfg.block_size)
+                blocks += len(kept)
+                dropped += cut
+                lines.append(json.dumps({"id": i, "prompt": prompts[i], "answer": answers[i],
+                                         "blocks": kept, "eos": res["eos"]}))
+            bar.update(len(idx))
+        path = out_dir / shard_name(s)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(path)
+        manifest["shards"][shard_name(s)] = {"records": len(lines), "blocks": blocks,
+                                             "dropped_blocks": dropped}
+        _write_json(mpath, manifest)
+    bar.close()
+    return manifest
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}.jsonl"
+
+
+def _shard_len(s: int, cfg: CollectConfig, total: int) -> int:
+    return min(total, (s + 1) * cfg.shard_size) - s * cfg.shard_size
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.rename(path)
+
+
+def load(out_dir: str | Path, block_size: int | None = None,
+         tokenizer=None) -> tuple[dict, list[dict]]:
+    """The manifest and records of a trajectory directory, validated.
+
+    Raises :class:`TrajectoryError` naming the problem: no manifest, a missing or
+    malformed shard, a block size other than ``block_size``, or data collected with a
+    tokenizer other than ``tokenizer``.
+    """
+    out_dir = Path(out_dir)
+    mpath = out_dir / MANIFEST
+    if not mpath.exists():
+        raise TrajectoryError(f"{out_dir}: no {MANIFEST}; is this a trajectory directory "
+                              "written by `cllm-vllm collect`?")
+    try:
+        manifest = json.loads(mpath.read_text())
+        n = int(manifest["block_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TrajectoryError(f"{mpath}: malformed manifest ({e})") from e
+    if manifest.get("version") != SCHEMA_VERSION:
+        raise TrajectoryError(f"{mpath}: schema version {manifest.get('version')}, "
+                              f"this code reads {SCHEMA_VERSION}")
+    if block_size is not None and block_size != n:
+        raise TrajectoryError(f"{out_dir}: trajectories have block size {n}, training asked "
+                              f"for {block_size}; collect again or pass --block-size {n}")
+    if tokenizer is not None and tokenizer_hash(tokenizer) != manifest["tokenizer_hash"]:
+        raise TrajectoryError(f"{out_dir}: collected with another tokenizer "
+                              f"({manifest['tokenizer_hash']}) than the model's "
+                              f"({tokenizer_hash(tokenizer)})")
+    expected = -(-manifest["num_prompts"] // manifest["shard_size"])
+    records = []
+    for s in range(expected):
+        path = out_dir / shard_name(s)
+        if not path.exists() or shard_name(s) not in manifest["shards"]:
+            raise TrajectoryError(f"{path} is missing: collection did not finish "
+                                  "(run `cllm-vllm collect` again with the same arguments)")
+        for k, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                blocks = rec["blocks"]
+                ok = isinstance(rec["prompt"], list) and all(
+                    isinstance(st, list) and len(st) == n for blk in blocks for st in blk)
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TrajectoryError(f"{path}:{k}: malformed record ({e})") from e
+            if not ok:
+                raise TrajectoryError(f"{path}:{k}: a state is not a list of {n} token ids")
+            records.append(rec)
+    vocab = manifest.get("vocab_size")
+    if vocab is not None:
+        top = max((max(st) for r in records for blk in r["blocks"] for st in blk), default=0)
+        if top >= vocab:
+            raise TrajectoryError(f"{out_dir}: token id {top} >= vocab size {vocab}")
+    return manifest, records
+
+
+def block_samples(records: list[dict]):
+    """Training samples, one per block: prompt, earlier fixed points, the block's states."""
+    from .objectives import BlockSample
+
+    out = []
+    for rec in records:
+        prefix: list[int] = []
+        for states in rec["blocks"]:
+            out.append(BlockSample(prompt=rec["prompt"], prefix_output=list(prefix),
+                                   states=states, answer=rec.get("answer")))
+            prefix.extend(states[-1])
+    return out
