@@ -46,9 +46,29 @@ def main(argv: list[str] | None = None) -> int:
         "collect", help="Jacobi trajectories of a teacher model (resumable shards)"))
     commands.add_train_args(sub.add_parser(
         "train", help="consistency + AR training on trajectories -> an HF checkpoint"))
+    from cllm_vllm import demo
+
+    demo.add_args(sub.add_parser(
+        "demo", help="the bundled teacher and CLLM in vLLM: AR vs Jacobi, one table"))
+    recipe = sub.add_parser("recipe", help="build the bundled models from scratch")
+    recipe.add_argument("name", choices=["tiny"])
+    recipe.add_argument("--out", default="recipe-out/tiny",
+                        help="working directory (a killed run resumes from it)")
+    recipe.add_argument("--until", default="eval", help="stop after this stage")
+    recipe.add_argument("--ship", action="store_true",
+                        help="copy the finished models into the package (cllm_vllm/models)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check()
+    if args.command == "demo":
+        return demo.main(args)
+    if args.command == "recipe":
+        from cllm_vllm.training import recipe as recipe_mod
+
+        out = recipe_mod.run(args.out, until=args.until)
+        if args.ship:
+            recipe_mod.ship(out, demo.BUNDLED)
+        return 0
     from cllm_vllm.training.data import DataError
     from cllm_vllm.training.trajectories import TrajectoryError
 

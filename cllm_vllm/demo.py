@@ -81,8 +81,12 @@ def _run(llm, prompts, max_tokens: int, batch: int):
 
 
 def evaluate(models: dict[str, Path], domains=DOMAINS, n_prompts: int = 32, k: int = 16,
-             fill: str | None = None) -> list[Row]:
-    """AR and Jacobi rows for every model and domain (greedy, one vLLM engine per mode)."""
+             fill: str | None = None, accuracy_prompts: int = 300) -> list[Row]:
+    """AR and Jacobi rows for every model and domain (greedy, one vLLM engine per mode).
+
+    Speed and tokens/step come from ``n_prompts`` held-out prompts per domain; arithmetic
+    accuracy from ``accuracy_prompts`` held-out problems (run at batch 32).
+    """
     from transformers import AutoTokenizer
 
     from .stats import batch_acceptance
@@ -92,10 +96,12 @@ def evaluate(models: dict[str, Path], domains=DOMAINS, n_prompts: int = 32, k: i
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     rows: list[Row] = []
     data = {d: heldout_records(d, n_prompts) for d in domains}
+    graded = heldout_records("arithmetic", accuracy_prompts) if "arithmetic" in domains else []
     for name, path in models.items():
         tok = AutoTokenizer.from_pretrained(str(path))
         prompts = {d: [encode_prompt(tok, r["messages"]) for r in recs]
                    for d, recs in data.items()}
+        graded_prompts = [encode_prompt(tok, r["messages"]) for r in graded]
         ar_ids: dict[str, list] = {}
         for mode, kk in (("AR", None), ("Jacobi", k)):
             llm = _engine(path, kk, fill)
@@ -114,8 +120,9 @@ def evaluate(models: dict[str, Path], domains=DOMAINS, n_prompts: int = 32, k: i
                     match = ids == ar_ids[d] and ids32 == ar_ids[d]
                 acc = None
                 if d == "arithmetic":
-                    got = [extract_answer(o.outputs[0].text) for o in outs1]
-                    acc = sum(g == r["result"] for g, r in zip(got, data[d], strict=True))
+                    outs, _ = _run(llm, graded_prompts, MAX_TOKENS[d], 32)
+                    got = [extract_answer(o.outputs[0].text) for o in outs]
+                    acc = sum(g == r["result"] for g, r in zip(got, graded, strict=True))
                     acc /= len(got)
                 rows.append(Row(name, mode, d, round(tps, 3), round(n_tok / t1, 1),
                                 round(sum(len(x) for x in ids32) / t32, 1), match,
@@ -168,7 +175,8 @@ def main(args) -> int:
             return 2
     if args.serve:
         return serve(models["CLLM"], args.port, args.block_size)
-    rows = evaluate(models, tuple(args.domains), args.prompts, args.block_size, args.fill)
+    rows = evaluate(models, tuple(args.domains), args.prompts, args.block_size, args.fill,
+                    args.accuracy_prompts)
     table = format_table(rows)
     print("\n" + table + "\n")
     for r in rows:
@@ -192,6 +200,8 @@ def add_args(p) -> None:
     p.add_argument("--teacher", default=str(BUNDLED_TEACHER))
     p.add_argument("--cllm", default=str(BUNDLED_CLLM))
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts per domain")
+    p.add_argument("--accuracy-prompts", type=int, default=300,
+                   help="held-out arithmetic problems graded for accuracy")
     p.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--fill", default=None, help="fill policy (default: the package's)")

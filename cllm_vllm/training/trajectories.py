@@ -66,7 +66,7 @@ def is_loop(tokens, max_period: int) -> bool:
     return any(np.array_equal(t[p:], t[:-p]) for p in range(1, max_period + 1) if p < len(t))
 
 
-def _positions(attention: "torch.Tensor", start: int, width: int):  # noqa: F821
+def _positions(attention: torch.Tensor, start: int, width: int):  # noqa: F821
     """Position ids of columns ``start .. start+width-1`` under left padding (all pads
     come first, so a column's position is its index minus the row's pad count)."""
     import torch
