@@ -4,7 +4,7 @@ PYTHON ?= python3
 # beside the CPU torch ("operator torchvision::nms does not exist"): text models need none.
 BROKEN_BESIDE_CPU_TORCH = torchvision torchaudio torchcodec
 
-.PHONY: setup test bench demo
+.PHONY: setup test bench demo recipe
 setup:
 	$(PYTHON) -m pip install -q -e '.[cpu,test]'
 	$(PYTHON) -m pip uninstall -q -y $(BROKEN_BESIDE_CPU_TORCH) 2>/dev/null || true
@@ -13,7 +13,13 @@ setup:
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+# The main job: the bundled teacher and CLLM in vLLM, AR vs Jacobi, one table.
+demo: setup
+	cllm-vllm demo
+
 bench: setup
 	$(PYTHON) benchmarks/ar_vs_jacobi.py
 
-demo: bench
+# Rebuild the bundled models from scratch (about an hour on 2 CPU cores) and ship them.
+recipe: setup
+	cllm-vllm recipe tiny --out recipe-out/tiny --ship

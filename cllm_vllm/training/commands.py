@@ -29,7 +29,9 @@ def add_collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--fill", choices=FILL_POLICIES, default=DEFAULT_FILL)
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
 
 
 def run_collect(args) -> int:
@@ -43,7 +45,8 @@ def run_collect(args) -> int:
     records = load_records(args.prompts)[: args.limit]
     cfg = CollectConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, shard_size=args.shard_size, fill=args.fill)
-    manifest = collect(args.teacher, records, args.out, cfg, device=args.device)
+    manifest = collect(args.teacher, records, args.out, cfg, device=args.device,
+                       dtype=args.dtype)
     blocks = sum(s["blocks"] for s in manifest["shards"].values())
     dropped = sum(s["dropped_blocks"] for s in manifest["shards"].values())
     print(f"{manifest['num_prompts']} prompts -> {blocks} blocks in {args.out} "

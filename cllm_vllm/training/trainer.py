@@ -13,6 +13,7 @@ depend on how the global batch is split over processes and micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,7 +47,10 @@ class TrainConfig:
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
     resume: bool = False
+    """Continue from the newest ``checkpoint-*`` in ``out_dir`` (a fresh start if none)."""
     fsdp: bool = False
+    """Shard parameters with FSDP2 under torchrun; its checkpoints hold full weights but
+    not the optimizer state (a resumed FSDP run restarts AdamW's moments)."""
     log_every: int = 1
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -208,7 +212,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
             records = [r for r in records if r["step"] < start_step]
             if rank == 0:
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    elif rank == 0 and log_path.exists() and not cfg.resume:
+    elif rank == 0 and log_path.exists():  # a fresh start: the old log is not ours
         log_path.unlink()
     amp = _autocast_dtype(cfg, device)
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or not cfg.progress,
@@ -221,7 +225,7 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
             samples = sample_indices(step, micro, rank, world, cfg, objective.num_samples)
             batch = {k: v.to(device) for k, v in objective.collate(samples).items()}
             sync = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp
-            ctx = wrapped.no_sync() if not sync else _null()
+            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 parts = objective.losses(wrapped, batch)
                 loss = parts["loss"].mean() / cfg.grad_accum
@@ -255,14 +259,6 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
     if world > 1:
         torch.distributed.barrier()
     return records if rank == 0 else []
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _checkpoint(model, wrapped, tokenizer, opt, cfg, out_dir: Path, step: int, rank: int,

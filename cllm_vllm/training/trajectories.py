@@ -10,7 +10,8 @@ iteration runs the model on ``n + 1`` new tokens per prompt, not on the whole se
 On disk (``out_dir``), schema version 1:
 
 * ``manifest.json``: ``{"version", "teacher", "tokenizer_hash", "vocab_size",
-  "block_size", "max_new_tokens", "fill", "shard_size", "num_prompts", "prompts_hash",
+  "block_size", "max_new_tokens", "batch_size", "shard_size", "fill", "dtype",
+  "num_prompts", "prompts_hash",
   "shards": {name: {"records", "blocks", "dropped_blocks"}}}``.
 * ``shard-00000.jsonl`` ...: prompt ``i`` lives in shard ``i // shard_size``; one JSON
   line per prompt: ``{"id", "prompt": [ids], "answer": [ids] | null, "blocks":
@@ -157,9 +158,11 @@ def _clean(blocks: list[list[list[int]]], n: int) -> tuple[list, int]:
 
 def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
             cfg: CollectConfig = CollectConfig(), progress: bool = True,
-            device: str | None = None) -> dict:
+            device: str | None = None, dtype: str = "auto") -> dict:
     """Collect trajectories for ``records`` (see :mod:`.data`) into shards; resumes.
 
+    ``dtype="auto"`` runs the teacher in bfloat16 on a GPU and float32 on a CPU: the
+    fixed points are the teacher's greedy output in the precision it will be served in.
     Returns the manifest.
     """
     import torch
@@ -173,8 +176,10 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     if not (teacher / "config.json").exists():
         raise TrajectoryError(f"teacher {teacher} is not an HF model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(str(teacher))
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=getattr(torch, dtype))
     model.to(device).eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
     prompts, answers = [], []
@@ -188,7 +193,8 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     manifest = {
         "version": SCHEMA_VERSION, "teacher": str(teacher), "tokenizer_hash": tokenizer_hash(tok),
-        "vocab_size": model.config.vocab_size, **asdict(cfg), "num_prompts": len(prompts),
+        "vocab_size": model.config.vocab_size, **asdict(cfg), "dtype": dtype,
+        "num_prompts": len(prompts),
         "prompts_hash": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
         "shards": {},
     }
