@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", default=None,
                     help="JSONL of {'prompt': text} to use instead of random token prompts")
+    ap.add_argument("--heldout", type=int, default=0,
+                    help="use N held-out prompts per domain of the bundled recipe (chat "
+                         "template, stop at EOS) instead of random token prompts")
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--out", default="results/fill_policy.json")
@@ -58,12 +61,19 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    if args.prompts:
-        texts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
-        sets = {"given": [tok(t).input_ids for t in texts]}
+    if args.heldout:
+        from cllm_vllm.demo import DOMAINS, heldout_records
+        from cllm_vllm.training.data import encode_prompt
+
+        sets = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, args.heldout)]
+                for d in DOMAINS}
+    elif args.prompts:
+        lines = Path(args.prompts).read_text().splitlines()
+        sets = {"given": [tok(json.loads(line)["prompt"]).input_ids for line in lines]}
     else:
         sets = prompt_sets(len(tok))
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                            ignore_eos=not args.heldout)
     results = {}
     for policy in FILL_POLICIES:
         llm = LLM(model, dtype="float32", enforce_eager=True, max_model_len=1024,

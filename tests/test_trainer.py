@@ -118,7 +118,7 @@ def test_killed_training_resumes_to_the_same_result(setup, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *_train_cmd(model_dir, data, killed, *args)],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not (killed / "checkpoint-10").exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

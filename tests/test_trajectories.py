@@ -133,7 +133,7 @@ def test_killed_collection_resumes_to_the_same_shards(teacher, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_collect_cmd(teacher, prompts, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not (killed / "shard-00001.jsonl").exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

@@ -41,6 +41,8 @@ def run_collect(args) -> int:
     for name in ("block_size", "max_new_tokens", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
     _require_model_dir(args.teacher, "--teacher")
     records = load_records(args.prompts)[: args.limit]
     cfg = CollectConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
@@ -106,6 +108,10 @@ def prepare_train(args):
     for name in ("batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if args.epochs <= 0:
+        raise UsageError("--epochs must be > 0")
     tok = AutoTokenizer.from_pretrained(args.model)
     config = json.loads((Path(args.model) / "config.json").read_text())
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
@@ -113,8 +119,9 @@ def prepare_train(args):
         raise UsageError(f"--model {args.model}: its tokenizer has {len(tok)} tokens, more "
                          f"than the model's vocabulary ({vocab}): they do not belong together")
     manifest, records = load(args.data, args.block_size, tok)
-    blocks = block_samples(records)
-    objective = CLLMObjective(blocks, tok.pad_token_id, args.consistency, args.distance,
+    blocks = block_samples(records, manifest.get("eos_ids", [tok.eos_token_id]))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    objective = CLLMObjective(blocks, pad_id, args.consistency, args.distance,
                               args.ar_weight, args.label_smoothing, args.ar_labels)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = args.batch_size * args.grad_accum * world

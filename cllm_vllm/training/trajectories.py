@@ -107,7 +107,7 @@ def jacobi_trajectories(model, prompts: list[list[int]], cfg: CollectConfig,
             guess = np.stack([fill_guess(np.array(contexts[b]), np.array([], np.int64), n,
                                          cfg.fill, len(prompts[b])) for b in range(bsz)])
             states = [[g.tolist()] for g in guess]
-            converged = np.zeros(bsz, dtype=bool)
+            converged = ~np.array(active)  # finished rows no longer hold the batch back
             att_step = torch.cat([att, torch.ones((bsz, n), dtype=att.dtype, device=device)], 1)
             pos = _positions(att_step, cached, n + 1)
             for _ in range(n + 1):  # each update fixes at least one more token
@@ -182,17 +182,26 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=getattr(torch, dtype))
     model.to(device).eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    prompts, answers = [], []
+    room = max_pos - cfg.max_new_tokens - cfg.block_size if max_pos else None
+    if room is not None and room < 1:
+        raise TrajectoryError(f"max_new_tokens + block_size ({cfg.max_new_tokens} + "
+                              f"{cfg.block_size}) leaves no room for a prompt in the "
+                              f"teacher's {max_pos} positions")
+    prompts, answers, cut = [], [], 0
     for rec in records:
         p = encode_prompt(tok, rec["messages"])
-        if max_pos and len(p) + cfg.max_new_tokens + cfg.block_size > max_pos:
-            p = p[-(max_pos - cfg.max_new_tokens - cfg.block_size):]
+        if room is not None and len(p) > room:
+            p, cut = p[-room:], cut + 1  # keep the end: the question nearest the answer
         prompts.append(p)
         answers.append(encode_answer(tok, rec["answer"]) if rec.get("answer") else None)
+    if cut:
+        print(f"warning: {cut} prompts longer than {room} tokens were cut from the left")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     manifest = {
         "version": SCHEMA_VERSION, "teacher": str(teacher), "tokenizer_hash": tokenizer_hash(tok),
+        "teacher_fingerprint": _fingerprint(teacher), "eos_ids": sorted(eos_ids),
         "vocab_size": model.config.vocab_size, **asdict(cfg), "dtype": dtype,
         "num_prompts": len(prompts),
         "prompts_hash": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
@@ -220,7 +229,7 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
         for b0 in range(lo, hi, cfg.batch_size):
             idx = list(range(b0, min(hi, b0 + cfg.batch_size)))
             results = jacobi_trajectories(model, [prompts[i] for i in idx], cfg, eos_ids,
-                                          tok.pad_token_id)
+                                          pad_id)
             for i, res in zip(idx, results, strict=True):
                 kept, cut = _clean(res["blocks"], cfg.block_size)
                 blocks += len(kept)
@@ -237,6 +246,14 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
         _write_json(mpath, manifest)
     bar.close()
     return manifest
+
+
+def _fingerprint(model_dir: Path) -> str:
+    """The teacher's config and weight files (names and sizes): resuming with another
+    teacher must not mix two models' trajectories."""
+    parts = [(model_dir / "config.json").read_text()]
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(model_dir.glob("*.safetensors"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def shard_name(s: int) -> str:
@@ -307,15 +324,22 @@ def load(out_dir: str | Path, block_size: int | None = None,
     return manifest, records
 
 
-def block_samples(records: list[dict]):
-    """Training samples, one per block: prompt, earlier fixed points, the block's states."""
+def block_samples(records: list[dict], eos_ids=()) -> list:
+    """Training samples, one per block: prompt, earlier fixed points, the block's states.
+
+    A block whose fixed point holds an EOS counts only up to it (``valid_len``).
+    """
     from .objectives import BlockSample
 
+    eos_ids = set(eos_ids)
     out = []
     for rec in records:
         prefix: list[int] = []
         for states in rec["blocks"]:
+            fixed = states[-1]
+            hits = [i for i, t in enumerate(fixed) if t in eos_ids]
             out.append(BlockSample(prompt=rec["prompt"], prefix_output=list(prefix),
-                                   states=states, answer=rec.get("answer")))
-            prefix.extend(states[-1])
+                                   states=states, answer=rec.get("answer"),
+                                   valid_len=hits[0] + 1 if hits else None))
+            prefix.extend(fixed)
     return out
