@@ -180,7 +180,7 @@ class CLLMObjective:
         ar_mask = torch.zeros_like(ids)
         for k, m in zip(ar, ar_masks, strict=True):
             ar_mask[k, : len(m)] = torch.tensor(m)
-        n = max(n_block)
+        n = max(len(m) for m in masks)  # block size (valid lengths may be shorter)
         cons_mask = torch.zeros((len(samples), n), dtype=torch.bool)
         for i, m in enumerate(masks):
             cons_mask[i, : len(m)] = m
