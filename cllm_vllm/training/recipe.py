@@ -161,16 +161,17 @@ def stage_cllm(out: Path, teacher: Path, traj: Path, r: TinyRecipe, progress=Tru
 
     tok = AutoTokenizer.from_pretrained(str(teacher))
     manifest, records = load(traj, r.block_size, tok)
-    # AR on the data's answers (ground truth), not the teacher's partly wrong outputs:
-    # it keeps the CLLM's accuracy at the teacher's (DESIGN.md, scratch experiment).
+    # AR on the teacher's own output, as the reference: the row that holds the fixed point
+    # is both the AR row and the consistency target, one forward pass for both. (AR on the
+    # data's answers needs a third row per sample with the whole answer, ~4x the compute
+    # here on long chat replies.)
     objective = CLLMObjective(block_samples(records, manifest["eos_ids"]), tok.pad_token_id,
-                              "global", "fkl",
-                              r.ar_weight, 0.0, "ground-truth")
+                              "global", "fkl", r.ar_weight, 0.0, "teacher")
     cfg = TrainConfig(out_dir=str(out), steps=r.cllm_steps, batch_size=r.cllm_batch,
                       lr=r.cllm_lr, warmup_steps=r.cllm_steps // 20, seed=r.seed,
                       save_every=50, resume=True, progress=progress,
                       extra={"objective": "cllm", "consistency": "global",
-                             "ar_labels": "ground-truth", "blocks": objective.num_samples})
+                             "ar_labels": "teacher", "blocks": objective.num_samples})
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="float32")
     train(model, tok, objective, cfg)
 
@@ -232,7 +233,7 @@ def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table:
     mine = [x for x in results["rows"] if x["model"] == name]
     role = ("the teacher: a small Llama trained with the AR loss" if name == "teacher" else
             "the CLLM: the teacher fine-tuned on its own Jacobi trajectories with global "
-            "consistency (forward KL) + 10x AR loss on the ground-truth answers")
+            "consistency (forward KL) + 10x AR loss on the teacher's greedy output")
     lines = [
         f"# cllm-vllm tiny {name}", "",
         f"This is {role}. Built by `cllm-vllm recipe tiny` (seed {r.seed}) with "
