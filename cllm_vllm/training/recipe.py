@@ -28,7 +28,7 @@ from .data import encode_answer, encode_prompt, iter_sharegpt, sharegpt_records,
 @dataclass(frozen=True)
 class TinyRecipe:
     seed: int = 0
-    arith_train: int = 30_000
+    arith_train: int = 40_000
     arith_test: int = 300
     chat_train: int = 4_200
     chat_test: int = 200
