@@ -51,3 +51,7 @@ def main() -> None:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
+
+
+if __name__ == "__main__":  # python -m cllm_vllm.patches.vllm_cli (cllm-vllm demo --serve)
+    main()
