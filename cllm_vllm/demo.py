@@ -161,7 +161,8 @@ def serve(model: Path, port: int, k: int) -> int:
 
     cmd = [sys.executable, "-m", "cllm_vllm.patches.vllm_cli", "serve", str(model),
            "--jacobi", "--jacobi-block-size", str(k), "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024"]
+           "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(256 * 2**20)]
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,3 +46,38 @@ def test_demo_prints_the_table_and_outputs_match_ar(tmp_path):
     cllm = {r["domain"]: r for r in jacobi if r["model"] == "CLLM"}
     teacher = {r["domain"]: r for r in jacobi if r["model"] == "teacher"}
     assert cllm["arithmetic"]["tokens_per_step"] > teacher["arithmetic"]["tokens_per_step"]
+
+
+def test_demo_serve_answers_chat_with_jacobi(tmp_path):
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cllm_vllm.cli", "demo", "--serve",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        body = {"model": str(BUNDLED_CLLM), "temperature": 0, "max_tokens": 48,
+                "messages": [{"role": "user", "content": "Sam has 4 cards. Sam buys 3 packs "
+                              "of cards. Each pack has 5 cards. How many cards now?"}]}
+        r = requests.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].strip()
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        drafts = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("vllm:spec_decode_num_drafts")]
+        assert drafts and drafts[0] > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
