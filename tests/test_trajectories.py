@@ -186,6 +186,13 @@ def test_bad_training_input_fails_before_training(teacher, collected, tmp_path):
     rc, err = _train(["--model", str(other), "--data", str(collected), "--out", str(out),
                       "--steps", "1"])
     assert rc == 2 and "another tokenizer" in err
+    # a tokenizer with more tokens than the model's vocabulary: not the model's own
+    bigger = tmp_path / "bigger-tokenizer"
+    shutil.copytree(teacher, bigger)
+    train_tokenizer(synthetic_text(2000, seed=9), 700, bigger)
+    rc, err = _train(["--model", str(bigger), "--data", str(collected), "--out", str(out),
+                      "--steps", "1"])
+    assert rc == 2 and "more than the model's vocabulary (512)" in err
     rc, err = _train(base + ["--data", str(collected), "--ar-weight", "-1"])
     assert rc == 2 and "--ar-weight" in err
     assert not out.exists()  # nothing was trained or written
