@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,13 @@ def engine(model: Path, jacobi_k: int | None = None, **overrides):
     # tears it down for the others. They are tiny; keep them all until the session ends.
     _LIVE_ENGINES.append(llm)
     yield llm
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for servers and torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def block_pool(llm):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import free_port
 
 from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER
 
@@ -51,9 +51,7 @@ def test_demo_prints_the_table_and_outputs_match_ar(tmp_path):
 def test_demo_serve_answers_chat_with_jacobi(tmp_path):
     import requests
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cllm_vllm.cli", "demo", "--serve",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,

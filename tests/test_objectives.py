@@ -99,6 +99,20 @@ def test_lm_objective_groups_by_length_within_budget():
         assert width * len(g) <= 256 or len(g) == 1
 
 
+def test_length_buckets_mix_kinds_of_samples_within_budget():
+    # Two "templates" of lengths 40 and 41: exact-length groups hold one kind each,
+    # 64-token buckets mix them (the teacher learned to copy numbers only with mixing).
+    pairs = [([1] * 10, [2 + i % 2] * (30 + i % 2)) for i in range(120)]
+    kinds = lambda obj, g: {obj.pairs[i][1][0] for i in g}  # noqa: E731
+    exact = LMObjective(pairs, pad_id=0, batch_tokens=400)
+    assert all(len(kinds(exact, g)) == 1 for g in exact.groups)
+    mixed = LMObjective(pairs, pad_id=0, batch_tokens=400, length_bucket=64)
+    assert sum(len(kinds(mixed, g)) == 2 for g in mixed.groups) >= len(mixed.groups) - 1
+    assert sorted(i for g in mixed.groups for i in g) == list(range(120))
+    for g in mixed.groups:
+        assert len(g) * max(len(p) + len(a) for p, a in (mixed.pairs[i] for i in g)) <= 400
+
+
 def test_bad_objective_options_are_named():
     with pytest.raises(ValueError, match="consistency must be"):
         CLLMObjective(_blocks(), 0, consistency="both")

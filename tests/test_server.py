@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import prompt_token_ids
+from conftest import free_port, prompt_token_ids
 
 pytestmark = pytest.mark.engine
 
@@ -24,15 +23,9 @@ SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
               "--kv-cache-memory-bytes", str(64 * 2**20), "--host", "127.0.0.1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model: Path, extra: list[str], log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log = open(log, "w")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from cllm_vllm.training.trainer import TrainConfig, lr_at, sample_indices
 from cllm_vllm.training.trajectories import CollectConfig, collect
@@ -75,12 +75,6 @@ def _losses(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(setup, tmp_path, sharding):
     model_dir, data = setup
@@ -91,7 +85,7 @@ def test_torchrun_two_processes_match_one_process(setup, tmp_path, sharding):
                    check=True, env=_env(), capture_output=True)
     ddp = tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", str(_free_port()),
+                    "--master-port", str(free_port()),
                     *_train_cmd(model_dir, data, ddp, *common, "--batch-size", "1",
                                 "--grad-accum", "2", *(["--fsdp"] if sharding == "fsdp" else []))],
                    check=True, env=_env(), capture_output=True)

@@ -41,11 +41,15 @@ class LMObjective:
     stays under that budget (use ``batch_size=1`` then): mixing 80- and 380-token
     sequences in one padded batch would waste most of the compute on padding. A group's
     loss is the mean of its pairs' losses. Groups are fixed by ``seed``.
+
+    ``length_bucket`` coarsens the lengths that groups are formed by: with exact lengths
+    (1) templated data falls into groups of one template each (length follows template),
+    and a step then sees one kind of sample; buckets of e.g. 32 tokens mix them.
     """
 
     def __init__(self, pairs: list[tuple[list[int], list[int]]], pad_id: int,
                  max_len: int = 512, label_smoothing: float = 0.0,
-                 batch_tokens: int | None = None, seed: int = 0):
+                 batch_tokens: int | None = None, seed: int = 0, length_bucket: int = 1):
         self.pairs = [(p, a[: max(0, max_len - len(p))]) for p, a in pairs]
         self.pad_id = pad_id
         self.label_smoothing = label_smoothing
@@ -53,7 +57,7 @@ class LMObjective:
             self.groups = [[i] for i in range(len(self.pairs))]
         else:
             self.groups = _length_groups([len(p) + len(a) for p, a in self.pairs],
-                                         batch_tokens, seed)
+                                         batch_tokens, seed, length_bucket)
         self.num_samples = len(self.groups)
 
     def collate(self, samples):
@@ -83,10 +87,11 @@ class LMObjective:
         return {"loss": ar, "ar": ar}
 
 
-def _length_groups(lengths: list[int], batch_tokens: int, seed: int) -> list[list[int]]:
+def _length_groups(lengths: list[int], batch_tokens: int, seed: int,
+                   bucket: int = 1) -> list[list[int]]:
     """Indices grouped by similar length, each group's ``rows * max_len <= batch_tokens``."""
     order = sorted(range(len(lengths)),
-                   key=lambda i: (lengths[i], random.Random(seed + i).random()))
+                   key=lambda i: (-(-lengths[i] // bucket), random.Random(seed + i).random()))
     groups, cur, width = [], [], 0
     for i in order:
         w = max(width, lengths[i])
