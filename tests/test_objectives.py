@@ -66,6 +66,22 @@ def test_ar_loss_on_prefix_and_fixed_point(model):
     assert parts["ar"][0].item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_ground_truth_ar_covers_the_answer_up_to_the_block_end(model):
+    # A 12-token reference answer; the block ends at answer position 2 + 4 = 6.
+    answer = [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 30, 2]
+    b = BlockSample(prompt=[1, 5, 6], prefix_output=[8, 9],
+                    states=[[3, 3, 3, 3], [12, 13, 14, 15]], answer=answer)
+    obj = CLLMObjective([b], pad_id=0, ar_weight=1.0, ar_labels="ground-truth")
+    batch = obj.collate([(0, random.Random(0))])
+    assert batch["input_ids"].shape[1] == len(b.prompt) + 6  # not the whole answer
+    parts = obj.losses(model, batch)
+    seq = torch.tensor([b.prompt + answer[:6]])
+    mask = torch.zeros_like(seq[:, 1:])
+    mask[:, len(b.prompt) - 1:] = 1
+    want = ar_loss(model(seq).logits[:, :-1], seq[:, 1:], mask)
+    assert parts["ar"][0].item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_positions_after_eos_do_not_count(model):
     eos = 2
     base = BlockSample(prompt=[1, 5, 6], prefix_output=[], states=[[7, 7, 7, 7],

@@ -128,7 +128,7 @@ class CLLMObjective:
       the target is the model's own distribution at the fixed point ``y*``.
     * ``consistency="local"`` (LC): the target is the next state ``y_(j+1)``.
     * AR: cross-entropy on the answer so far plus ``y*`` (the teacher's greedy output), or
-      on the ground-truth answer with ``ar_labels="ground-truth"`` where the data has one.
+      on as many tokens of the ground-truth answer with ``ar_labels="ground-truth"``.
     """
 
     def __init__(self, blocks: list[BlockSample], pad_id: int, consistency: str = "global",
@@ -168,8 +168,11 @@ class CLLMObjective:
             student.append(len(rows))
             rows.append(prefix + b.states[j])
             masks.append(unconverged_mask(torch.tensor(b.states[j]), torch.tensor(goal)))
-            ar_row = (b.prompt + b.answer if self.ar_labels == "ground-truth"
-                      else prefix + fixed)
+            # AR covers the answer up to the end of this block, ground truth or the
+            # teacher's: the row is as long as the target row, and a long reply is not
+            # re-read whole for each of its blocks.
+            ar_row = (b.prompt + b.answer[: len(b.prefix_output) + len(fixed)]
+                      if self.ar_labels == "ground-truth" else prefix + fixed)
             if ar_row == prefix + goal:  # one row is both the AR row and the target
                 target.append(len(rows))
                 ar.append(len(rows))
