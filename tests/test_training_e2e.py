@@ -3,9 +3,9 @@
 The trained model must decode more tokens per Jacobi step than its teacher on held-out
 prompts (measured in vLLM, outputs identical to AR), while the AR loss keeps the quality
 of its greedy output: its perplexity on the teacher's greedy continuations of held-out
-prompts stays within 25% of the teacher's own. (Perplexity on the data's reference answers
-is printed too: it rises, because training on the teacher's greedy output sharpens the
-distribution and this small teacher's answers are mostly wrong.)
+prompts stays within 25% of the teacher's own. 64 prompts for 120 steps overfit, so the
+AR term weighs 30 here (10 in the recipe, on 3,500 prompts): at weight 10 the bundled
+teacher's near-deterministic output (perplexity 1.02) rose to 1.36.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def trained(tmp_path_factory) -> Path:
                    check=True, env=env, capture_output=True)
     subprocess.run([*cli, "train", "--model", str(BUNDLED_TEACHER), "--data",
                     str(root / "traj"), "--out", str(root / "cllm"), "--steps", "120",
-                    "--batch-size", "8", "--lr", "1e-3", "--no-progress"],
+                    "--batch-size", "8", "--lr", "3e-4", "--ar-labels", "ground-truth",
+                    "--ar-weight", "30", "--no-progress"],
                    check=True, env=env, capture_output=True)
     return root / "cllm"
 
