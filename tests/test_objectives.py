@@ -119,7 +119,10 @@ def test_length_buckets_mix_kinds_of_samples_within_budget():
     # Two "templates" of lengths 40 and 41: exact-length groups hold one kind each,
     # 64-token buckets mix them (the teacher learned to copy numbers only with mixing).
     pairs = [([1] * 10, [2 + i % 2] * (30 + i % 2)) for i in range(120)]
-    kinds = lambda obj, g: {obj.pairs[i][1][0] for i in g}  # noqa: E731
+
+    def kinds(obj, group):
+        return {obj.pairs[i][1][0] for i in group}
+
     exact = LMObjective(pairs, pad_id=0, batch_tokens=400)
     assert all(len(kinds(exact, g)) == 1 for g in exact.groups)
     mixed = LMObjective(pairs, pad_id=0, batch_tokens=400, length_bucket=64)

@@ -177,22 +177,19 @@ def test_bad_training_input_fails_before_training(teacher, collected, tmp_path):
     (broken / "shard-00001.jsonl").unlink()
     rc, err = _train(base + ["--data", str(broken)])
     assert rc == 2 and "shard-00001.jsonl is missing" in err
-    # a model directory whose tokenizer is not the one the data was collected with
+    # a model directory whose tokenizer is not the one the data was collected with, and
+    # one whose tokenizer has more tokens than the model's vocabulary (not the model's own)
     from cllm_vllm.training.tiny import synthetic_text, train_tokenizer
 
-    other = tmp_path / "other-tokenizer"
-    shutil.copytree(teacher, other)
-    train_tokenizer(synthetic_text(500, seed=9), 512, other)
-    rc, err = _train(["--model", str(other), "--data", str(collected), "--out", str(out),
-                      "--steps", "1"])
-    assert rc == 2 and "another tokenizer" in err
-    # a tokenizer with more tokens than the model's vocabulary: not the model's own
-    bigger = tmp_path / "bigger-tokenizer"
-    shutil.copytree(teacher, bigger)
-    train_tokenizer(synthetic_text(2000, seed=9), 700, bigger)
-    rc, err = _train(["--model", str(bigger), "--data", str(collected), "--out", str(out),
-                      "--steps", "1"])
-    assert rc == 2 and "more than the model's vocabulary (512)" in err
+    for name, lines, vocab, message in (
+            ("other", 500, 512, "another tokenizer"),
+            ("bigger", 2000, 700, "more than the model's vocabulary (512)")):
+        model_dir = tmp_path / f"{name}-tokenizer"
+        shutil.copytree(teacher, model_dir)
+        train_tokenizer(synthetic_text(lines, seed=9), vocab, model_dir)
+        rc, err = _train(["--model", str(model_dir), "--data", str(collected), "--out",
+                          str(out), "--steps", "1"])
+        assert rc == 2 and message in err, name
     rc, err = _train(base + ["--data", str(collected), "--ar-weight", "-1"])
     assert rc == 2 and "--ar-weight" in err
     assert not out.exists()  # nothing was trained or written
