@@ -82,6 +82,35 @@ def test_ground_truth_ar_covers_the_answer_up_to_the_block_end(model):
     assert parts["ar"][0].item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_replay_adds_ar_on_one_drawn_pair_per_sample(model):
+    replay = [([1, 33, 34], [35, 36, 2]), ([1, 37], [38, 39, 30, 2])]
+    b = _blocks()[0]
+    plain = CLLMObjective([b], pad_id=0, ar_weight=1.0)
+    obj = CLLMObjective([b], pad_id=0, ar_weight=1.0, replay=replay, replay_weight=3.0)
+    rng = random.Random(4)
+    rng.randrange(len(b.states) - 1)  # the state draw comes first
+    prompt, answer = replay[rng.randrange(len(replay))]
+    parts = obj.losses(model, obj.collate([(0, random.Random(4))]))
+    base = plain.losses(model, plain.collate([(0, random.Random(4))]))
+    seq = torch.tensor([prompt + answer])
+    mask = torch.zeros_like(seq[:, 1:])
+    mask[:, len(prompt) - 1:] = 1
+    want = ar_loss(model(seq).logits[:, :-1], seq[:, 1:], mask)
+    assert parts["replay"][0].item() == pytest.approx(want.item(), rel=1e-5)
+    assert parts["ar"][0].item() == pytest.approx(base["ar"][0].item(), rel=1e-5)
+    assert parts["loss"][0].item() == pytest.approx(
+        base["loss"][0].item() + 3.0 * want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="replay"):
+        CLLMObjective([b], pad_id=0, replay_weight=1.0)
+    # A replay pair longer than the sample's other rows is cut to their width.
+    long = CLLMObjective([b], pad_id=0, replay=[([1, 33], [34] * 30 + [2])],
+                         replay_weight=1.0)
+    batch = long.collate([(0, random.Random(4))])
+    assert batch["input_ids"].shape[1] == plain.collate([(0, random.Random(4))])[
+        "input_ids"].shape[1]
+    assert long.losses(model, batch)["replay"][0].item() > 0
+
+
 def test_positions_after_eos_do_not_count(model):
     eos = 2
     base = BlockSample(prompt=[1, 5, 6], prefix_output=[], states=[[7, 7, 7, 7],

@@ -192,7 +192,28 @@ def test_bad_training_input_fails_before_training(teacher, collected, tmp_path):
         assert rc == 2 and message in err, name
     rc, err = _train(base + ["--data", str(collected), "--ar-weight", "-1"])
     assert rc == 2 and "--ar-weight" in err
+    no_answers = tmp_path / "prompts.jsonl"
+    no_answers.write_text('{"prompt": "a question"}\n')
+    rc, err = _train(base + ["--data", str(collected), "--replay", str(no_answers)])
+    assert rc == 2 and "prompts.jsonl" in err and "no answer" in err
+    rc, err = _train(base + ["--data", str(collected), "--replay-weight", "3"])
+    assert rc == 2 and "--replay-weight needs --replay" in err
     assert not out.exists()  # nothing was trained or written
+
+
+def test_train_with_replay_logs_its_loss(teacher, collected, tmp_path):
+    from cllm_vllm.training.data import write_jsonl
+
+    replay = tmp_path / "replay.jsonl"
+    write_jsonl(replay, _records(5, seed=4))
+    out = tmp_path / "out"
+    rc, err = _train(["--model", str(teacher), "--data", str(collected), "--out", str(out),
+                      "--steps", "2", "--no-progress", "--replay", str(replay),
+                      "--replay-weight", "2"])
+    assert rc == 0, err
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(x["replay"] > 0 for x in log)
+    assert json.loads((out / "train_config.json").read_text())["extra"]["replay_weight"] == 2
 
 
 def test_bad_prompt_files_are_named(teacher, tmp_path):

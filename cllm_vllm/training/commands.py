@@ -67,6 +67,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ar-labels", choices=("teacher", "ground-truth"), default="teacher",
                    help="AR targets: the teacher's greedy output or the data's answers")
+    p.add_argument("--replay", default=None,
+                   help="prompts with answers (JSONL or ShareGPT JSON, as for `collect`), "
+                        "e.g. the teacher's training set: each sample adds AR on one of them")
+    p.add_argument("--replay-weight", type=float, default=None,
+                   help="weight of the replay AR loss (default: --ar-weight)")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="replay rows are cut to this many tokens")
     p.add_argument("--block-size", type=int, default=None,
                    help="expected block size (checked against the data)")
     p.add_argument("--steps", type=int, default=None)
@@ -98,6 +105,7 @@ def prepare_train(args):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data import DataError, answer_pairs, load_records
     from .objectives import CLLMObjective
     from .trainer import TrainConfig
     from .trajectories import block_samples, load
@@ -112,6 +120,8 @@ def prepare_train(args):
         raise UsageError("--steps must be >= 1")
     if args.epochs <= 0:
         raise UsageError("--epochs must be > 0")
+    if args.replay_weight is not None and (args.replay is None or args.replay_weight < 0):
+        raise UsageError("--replay-weight needs --replay and must be >= 0")
     tok = AutoTokenizer.from_pretrained(args.model)
     config = json.loads((Path(args.model) / "config.json").read_text())
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
@@ -121,8 +131,20 @@ def prepare_train(args):
     manifest, records = load(args.data, args.block_size, tok)
     blocks = block_samples(records, manifest.get("eos_ids", [tok.eos_token_id]))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    replay, replay_weight = None, 0.0
+    if args.replay is not None:
+        try:
+            replay = answer_pairs(tok, load_records(args.replay), args.max_len)
+        except DataError as e:
+            raise UsageError(f"--replay {args.replay}: {e}") from e
+        if not replay:
+            raise UsageError(f"--replay {args.replay}: no prompt shorter than "
+                             f"--max-len / 2 = {args.max_len // 2} tokens")
+        replay_weight = args.ar_weight if args.replay_weight is None else args.replay_weight
     objective = CLLMObjective(blocks, pad_id, args.consistency, args.distance,
-                              args.ar_weight, args.label_smoothing, args.ar_labels)
+                              args.ar_weight, args.label_smoothing, args.ar_labels,
+                              replay=replay, replay_weight=replay_weight,
+                              max_len=args.max_len)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = args.batch_size * args.grad_accum * world
     steps = args.steps or max(1, round(args.epochs * objective.num_samples / per_step))
@@ -136,7 +158,8 @@ def prepare_train(args):
                "distance": args.distance, "ar_weight": args.ar_weight,
                "ar_labels": args.ar_labels, "label_smoothing": args.label_smoothing,
                "data": str(args.data), "block_size": manifest["block_size"],
-               "blocks": objective.num_samples},
+               "blocks": objective.num_samples, "replay": args.replay,
+               "replay_weight": replay_weight},
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
     return model, tok, objective, cfg

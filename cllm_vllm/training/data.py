@@ -145,3 +145,16 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def encode_answer(tokenizer, answer: str) -> list[int]:
     """Token ids of a reply as the model should emit it after the prompt: text, then EOS."""
     return tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def answer_pairs(tokenizer, records: list[dict], max_len: int) -> list[tuple[list, list]]:
+    """``(prompt_ids, answer_ids)`` of records with answers; prompts of ``max_len / 2`` or
+    more tokens are left out (their answers would be cut to little or nothing)."""
+    pairs = []
+    for rec in records:
+        if rec.get("answer") is None:
+            raise DataError("a record has no answer: AR training needs one for every prompt")
+        prompt = encode_prompt(tokenizer, rec["messages"])
+        if len(prompt) < max_len // 2:
+            pairs.append((prompt, encode_answer(tokenizer, rec["answer"])))
+    return pairs

@@ -129,11 +129,17 @@ class CLLMObjective:
     * ``consistency="local"`` (LC): the target is the next state ``y_(j+1)``.
     * AR: cross-entropy on the answer so far plus ``y*`` (the teacher's greedy output), or
       on as many tokens of the ground-truth answer with ``ar_labels="ground-truth"``.
+    * Replay (optional): ``replay_weight *`` AR on one ``(prompt, answer)`` pair drawn per
+      sample from ``replay`` (e.g. the teacher's whole training set), cut to the width of
+      the sample's other rows. The trajectories cover a few thousand prompts; AR on them
+      alone lets a small model drift from what it knew on the rest of its data.
     """
 
     def __init__(self, blocks: list[BlockSample], pad_id: int, consistency: str = "global",
                  distance: str = "fkl", ar_weight: float = 10.0,
-                 label_smoothing: float = 0.0, ar_labels: str = "teacher"):
+                 label_smoothing: float = 0.0, ar_labels: str = "teacher",
+                 replay: list[tuple[list[int], list[int]]] | None = None,
+                 replay_weight: float = 0.0, max_len: int = 512):
         if consistency not in ("global", "local"):
             raise ValueError(f"consistency must be 'global' or 'local', got {consistency!r}")
         if ar_labels not in ("teacher", "ground-truth"):
@@ -141,6 +147,10 @@ class CLLMObjective:
         if ar_labels == "ground-truth" and any(b.answer is None for b in blocks):
             raise ValueError("ar_labels='ground-truth' needs an answer in every record; "
                              "the trajectories have prompts without one")
+        if replay_weight > 0 and not replay:
+            raise ValueError("replay_weight > 0 needs replay pairs")
+        self.replay = [(p, a[: max(0, max_len - len(p))]) for p, a in replay or []]
+        self.replay_weight = replay_weight if self.replay else 0.0
         self.blocks = [b for b in blocks if len(b.states) >= 2]
         if not self.blocks:
             raise ValueError("no trajectory block has a state before its fixed point")
@@ -184,9 +194,19 @@ class CLLMObjective:
                 rows.append(ar_row)
             ar_len = len(ar_row) if self.ar_labels == "ground-truth" else len(prefix) + valid
             ar_masks.append([0] * len(b.prompt) + [1] * (ar_len - len(b.prompt)))
+        replay = []
+        if self.replay_weight:
+            # Cut to the widest trajectory row: a long reply would pad every row to its
+            # length (2x the step time on the recipe's data). Its start still counts.
+            width = max(len(r) for r in rows)
+            for _index, rng in samples:
+                prompt, answer = self.replay[rng.randrange(len(self.replay))]
+                replay.append(len(rows))
+                rows.append((prompt + answer)[:width])
+                ar_masks.append(([0] * len(prompt) + [1] * len(answer))[:width])
         ids, att = pad_rows(rows, self.pad_id)
         ar_mask = torch.zeros_like(ids)
-        for k, m in zip(ar, ar_masks, strict=True):
+        for k, m in zip(ar + replay, ar_masks, strict=True):
             ar_mask[k, : len(m)] = torch.tensor(m)
         n = max(len(m) for m in masks)  # block size (valid lengths may be shorter)
         cons_mask = torch.zeros((len(samples), n), dtype=torch.bool)
@@ -194,7 +214,8 @@ class CLLMObjective:
             cons_mask[i, : len(m)] = m
         return {"input_ids": ids, "attention_mask": att, "ar_mask": ar_mask,
                 "student": torch.tensor(student), "target": torch.tensor(target),
-                "ar": torch.tensor(ar), "block_start": torch.tensor(starts),
+                "ar": torch.tensor(ar), "replay": torch.tensor(replay, dtype=torch.long),
+                "block_start": torch.tensor(starts),
                 "block_len": torch.tensor(n_block), "consistency_mask": cons_mask}
 
     def losses(self, model, batch):
@@ -210,9 +231,15 @@ class CLLMObjective:
         valid = torch.arange(n, device=logits.device) < batch["block_len"][:, None]
         cons = consistency_loss(s_logits, t_logits, batch["consistency_mask"] & valid,
                                 self.distance)
-        ar_rows = batch["ar"]
-        lg, labels, mask = _next_token_view(logits[ar_rows], batch["input_ids"][ar_rows],
-                                            batch["ar_mask"][ar_rows])
-        ar = ar_loss(lg, labels, mask, self.label_smoothing)
-        return {"loss": cons + self.ar_weight * ar, "consistency": cons, "ar": ar}
+        ar = self._ar(logits, batch, batch["ar"])
+        out = {"loss": cons + self.ar_weight * ar, "consistency": cons, "ar": ar}
+        if self.replay_weight:
+            out["replay"] = self._ar(logits, batch, batch["replay"])
+            out["loss"] = out["loss"] + self.replay_weight * out["replay"]
+        return out
+
+    def _ar(self, logits, batch, rows):
+        lg, labels, mask = _next_token_view(logits[rows], batch["input_ids"][rows],
+                                            batch["ar_mask"][rows])
+        return ar_loss(lg, labels, mask, self.label_smoothing)
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from . import arithmetic
 from .data import (
-    encode_answer,
-    encode_prompt,
+    answer_pairs,
     iter_sharegpt,
     read_jsonl,
     sharegpt_records,
@@ -66,6 +65,8 @@ class TinyRecipe:
     # on its own mistakes cost the CLLM arithmetic accuracy (GPU sweep: 31% vs 37% from a
     # 59% teacher). Costs one more row per block.
     ar_labels: str = "ground-truth"
+    # AR on one pair per sample from the teacher's whole training set (0: off).
+    replay_weight: float = 0.0
     eval_prompts: int = 32
 
 
@@ -109,16 +110,6 @@ def stage_tokenizer(out: Path, data: Path, r: TinyRecipe) -> None:
     train_tokenizer(texts, r.vocab_size, out, individual_digits=True)
 
 
-def training_pairs(tokenizer, records: list[dict], max_len: int) -> list[tuple[list, list]]:
-    pairs = []
-    for rec in records:
-        prompt = encode_prompt(tokenizer, rec["messages"])
-        answer = encode_answer(tokenizer, rec["answer"])
-        if len(prompt) < max_len // 2:
-            pairs.append((prompt, answer))
-    return pairs
-
-
 def stage_teacher(out: Path, data: Path, tokenizer: Path, r: TinyRecipe,
                   progress=True) -> None:
     """AR training on both domains from random weights."""
@@ -130,7 +121,7 @@ def stage_teacher(out: Path, data: Path, tokenizer: Path, r: TinyRecipe,
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     records = read_jsonl(data / "arith_train.jsonl") + read_jsonl(data / "chat_train.jsonl")
-    pairs = training_pairs(tok, records, r.max_len)
+    pairs = answer_pairs(tok, records, r.max_len)
     model = build_tiny_model(out / "init", tok, "llama", hidden_size=r.hidden_size,
                              num_layers=r.num_layers, num_heads=r.num_heads,
                              intermediate_size=r.intermediate_size,
@@ -159,7 +150,8 @@ def stage_trajectories(out: Path, data: Path, teacher: Path, r: TinyRecipe,
     collect(teacher, records, out, cfg, progress=progress)
 
 
-def stage_cllm(out: Path, teacher: Path, traj: Path, r: TinyRecipe, progress=True) -> None:
+def stage_cllm(out: Path, data: Path, teacher: Path, traj: Path, r: TinyRecipe,
+               progress=True) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .objectives import CLLMObjective
@@ -168,13 +160,20 @@ def stage_cllm(out: Path, teacher: Path, traj: Path, r: TinyRecipe, progress=Tru
 
     tok = AutoTokenizer.from_pretrained(str(teacher))
     manifest, records = load(traj, r.block_size, tok)
+    replay = None
+    if r.replay_weight:
+        replay = answer_pairs(tok, read_jsonl(data / "arith_train.jsonl")
+                                + read_jsonl(data / "chat_train.jsonl"), r.max_len)
     objective = CLLMObjective(block_samples(records, manifest["eos_ids"]), tok.pad_token_id,
-                              "global", "fkl", r.ar_weight, 0.0, r.ar_labels)
+                              "global", "fkl", r.ar_weight, 0.0, r.ar_labels,
+                              replay=replay, replay_weight=r.replay_weight,
+                              max_len=r.max_len)
     cfg = TrainConfig(out_dir=str(out), steps=r.cllm_steps, batch_size=r.cllm_batch,
                       lr=r.cllm_lr, warmup_steps=r.cllm_steps // 20, seed=r.seed,
                       save_every=50, resume=True, progress=progress,
                       extra={"objective": "cllm", "consistency": "global",
-                             "ar_labels": r.ar_labels, "blocks": objective.num_samples})
+                             "ar_labels": r.ar_labels, "blocks": objective.num_samples,
+                             "replay_weight": r.replay_weight})
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="float32")
     train(model, tok, objective, cfg)
 
@@ -190,7 +189,7 @@ def perplexity(model_dir: Path, records: list[dict], max_len: int) -> float:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    objective = LMObjective(training_pairs(tok, records, max_len), tok.pad_token_id, max_len)
+    objective = LMObjective(answer_pairs(tok, records, max_len), tok.pad_token_id, max_len)
     nll, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, objective.num_samples, 16):
@@ -304,7 +303,7 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
         "tokenizer": lambda d: stage_tokenizer(d, data, r),
         "teacher": lambda d: stage_teacher(d, data, tok, r, progress),
         "trajectories": lambda d: stage_trajectories(d, data, teacher, r, progress),
-        "cllm": lambda d: stage_cllm(d, teacher, traj, r, progress),
+        "cllm": lambda d: stage_cllm(d, data, teacher, traj, r, progress),
         "eval": lambda d: stage_eval(d, data, {"teacher": teacher, "CLLM": cllm}, r),
     }
     for name in STAGES[: STAGES.index(until) + 1]:
