@@ -67,6 +67,7 @@ class TinyRecipe:
     ar_labels: str = "ground-truth"
     # AR on one pair per sample from the teacher's whole training set (0: off).
     replay_weight: float = 0.0
+    replay_chat: bool = True
     eval_prompts: int = 32
 
 
@@ -162,8 +163,9 @@ def stage_cllm(out: Path, data: Path, teacher: Path, traj: Path, r: TinyRecipe,
     manifest, records = load(traj, r.block_size, tok)
     replay = None
     if r.replay_weight:
-        replay = answer_pairs(tok, read_jsonl(data / "arith_train.jsonl")
-                                + read_jsonl(data / "chat_train.jsonl"), r.max_len)
+        names = ["arith_train.jsonl"] + (["chat_train.jsonl"] if r.replay_chat else [])
+        replay = answer_pairs(tok, [x for n in names for x in read_jsonl(data / n)],
+                              r.max_len)
     objective = CLLMObjective(block_samples(records, manifest["eos_ids"]), tok.pad_token_id,
                               "global", "fkl", r.ar_weight, 0.0, r.ar_labels,
                               replay=replay, replay_weight=r.replay_weight,
