@@ -130,9 +130,11 @@ class CLLMObjective:
     * AR: cross-entropy on the answer so far plus ``y*`` (the teacher's greedy output), or
       on as many tokens of the ground-truth answer with ``ar_labels="ground-truth"``.
     * Replay (optional): ``replay_weight *`` AR on one ``(prompt, answer)`` pair drawn per
-      sample from ``replay`` (e.g. the teacher's whole training set), cut to the width of
-      the sample's other rows. The trajectories cover a few thousand prompts; AR on them
-      alone lets a small model drift from what it knew on the rest of its data.
+      sample from ``replay`` (e.g. the teacher's whole training set), cut to the widest
+      trajectory row of the micro-batch. The trajectories cover a few thousand prompts;
+      AR on them alone lets a small model drift from what it knew on the rest of its data.
+      The cut makes the replay loss (only it) depend on how the global batch is split over
+      processes and micro-batches; it touches 2% of the recipe's replay rows.
     """
 
     def __init__(self, blocks: list[BlockSample], pad_id: int, consistency: str = "global",
