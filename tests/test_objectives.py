@@ -102,7 +102,7 @@ def test_replay_adds_ar_on_one_drawn_pair_per_sample(model):
         base["loss"][0].item() + 3.0 * want.item(), rel=1e-5)
     with pytest.raises(ValueError, match="replay"):
         CLLMObjective([b], pad_id=0, replay_weight=1.0)
-    # A replay pair longer than the sample's other rows is cut to their width.
+    # A replay pair longer than the batch's trajectory rows is cut to their width.
     long = CLLMObjective([b], pad_id=0, replay=[([1, 33], [34] * 30 + [2])],
                          replay_weight=1.0)
     batch = long.collate([(0, random.Random(4))])

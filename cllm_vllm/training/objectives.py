@@ -29,6 +29,11 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, att
 
 
+def _fit(pairs, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """``(prompt, answer)`` pairs with each answer cut so the row fits ``max_len``."""
+    return [(p, a[: max(0, max_len - len(p))]) for p, a in pairs]
+
+
 def _next_token_view(logits: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor):
     """Align ``logits[t]`` with the token it predicts, ``ids[t + 1]``."""
     return logits[:, :-1], ids[:, 1:], loss_mask[:, 1:]
@@ -50,7 +55,7 @@ class LMObjective:
     def __init__(self, pairs: list[tuple[list[int], list[int]]], pad_id: int,
                  max_len: int = 512, label_smoothing: float = 0.0,
                  batch_tokens: int | None = None, seed: int = 0, length_bucket: int = 1):
-        self.pairs = [(p, a[: max(0, max_len - len(p))]) for p, a in pairs]
+        self.pairs = _fit(pairs, max_len)
         self.pad_id = pad_id
         self.label_smoothing = label_smoothing
         if batch_tokens is None:
@@ -151,8 +156,8 @@ class CLLMObjective:
                              "the trajectories have prompts without one")
         if replay_weight > 0 and not replay:
             raise ValueError("replay_weight > 0 needs replay pairs")
-        self.replay = [(p, a[: max(0, max_len - len(p))]) for p, a in replay or []]
-        self.replay_weight = replay_weight if self.replay else 0.0
+        self.replay = _fit(replay or [], max_len)
+        self.replay_weight = replay_weight
         self.blocks = [b for b in blocks if len(b.states) >= 2]
         if not self.blocks:
             raise ValueError("no trajectory block has a state before its fixed point")

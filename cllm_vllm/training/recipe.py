@@ -241,14 +241,16 @@ def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table:
     log = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
     ppl = results["perplexity"][name]
     mine = [x for x in results["rows"] if x["model"] == name]
-    role = ("the teacher: a small Llama trained with the AR loss" if name == "teacher" else
-            "the CLLM: the teacher fine-tuned on its own Jacobi trajectories with global "
-            f"consistency (forward KL) + {r.ar_weight:g}x AR loss on "
-            + ("the data's answers" if r.ar_labels == "ground-truth"
-               else "the teacher's greedy output")
-            + (f", plus {r.replay_weight:g}x AR replay on the teacher's "
-               + ("training set" if r.replay_chat else "arithmetic training set")
-               if r.replay_weight else ""))
+    if name == "teacher":
+        role = "the teacher: a small Llama trained with the AR loss"
+    else:
+        labels = ("the data's answers" if r.ar_labels == "ground-truth"
+                  else "the teacher's greedy output")
+        role = ("the CLLM: the teacher fine-tuned on its own Jacobi trajectories with global "
+                f"consistency (forward KL) + {r.ar_weight:g}x AR loss on {labels}")
+        if r.replay_weight:
+            data = "training set" if r.replay_chat else "arithmetic training set"
+            role += f", plus {r.replay_weight:g}x AR replay on the teacher's {data}"
     lines = [
         f"# cllm-vllm tiny {name}", "",
         f"This is {role}. Built by `cllm-vllm recipe tiny` (seed {r.seed}) with "
