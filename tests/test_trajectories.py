@@ -233,3 +233,29 @@ def test_bad_prompt_files_are_named(teacher, tmp_path):
         rc = main(["collect", "--teacher", str(tmp_path), "--prompts", str(bad),
                    "--out", str(tmp_path / "o")])
     assert rc == 2 and "not an HF model directory" in err.getvalue()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+USER_ONLY = ("{% for m in messages %}{% if m['role'] != 'user' %}"
+             "{{ raise_exception('only user turns') }}{% endif %}Q: {{ m['content'] }}\n"
+             "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+
+
+@pytest.mark.parametrize("template, separator", [(None, " "), (CHATML, ""), (USER_ONLY, "")])
+def test_answers_follow_the_chat_templates_separator(teacher, template, separator):
+    from transformers import AutoTokenizer
+
+    from cllm_vllm.training.data import answer_separator, encode_answer, encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    if template is not None:
+        tok.chat_template = template
+    messages = [{"role": "user", "content": "how many apples"}]
+    assert answer_separator(tok) == separator
+    answer = encode_answer(tok, "7 apples")
+    assert answer[-1] == tok.eos_token_id
+    # prompt + answer reads as the template's own rendering of the exchange
+    text = tok.decode(encode_prompt(tok, messages) + answer[:-1])
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == expected + separator + "7 apples"

@@ -142,19 +142,49 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Token ids of a reply as the model should emit it after the prompt: text, then EOS."""
-    return tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+_PROBE = [{"role": "user", "content": "question"}]
+_MARK = "CLLMANSWERMARK"
+
+
+def answer_separator(tokenizer) -> str:
+    """Text the chat template puts between the generation prompt and the reply itself.
+
+    Templates differ: ``"assistant:"`` is followed by a space, ``"<|im_start|>assistant\n"``
+    by nothing; an answer encoded with the wrong one teaches a token the model never
+    sees in front of its reply when served.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        prompt = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            _PROBE + [{"role": "assistant", "content": _MARK}], tokenize=False)
+    except (ValueError, TypeError, TemplateError):  # cannot render an assistant turn
+        return ""
+    if full.startswith(prompt) and _MARK in full[len(prompt):]:
+        return full[len(prompt):full.index(_MARK, len(prompt))]
+    return ""
+
+
+def encode_answer(tokenizer, answer: str, separator: str | None = None) -> list[int]:
+    """Token ids of a reply as the model should emit it after the prompt: text, then EOS.
+
+    ``separator`` defaults to :func:`answer_separator` (pass it when encoding many answers).
+    """
+    if separator is None:
+        separator = answer_separator(tokenizer)
+    return (tokenizer.encode(separator + answer, add_special_tokens=False)
+            + [tokenizer.eos_token_id])
 
 
 def answer_pairs(tokenizer, records: list[dict], max_len: int) -> list[tuple[list, list]]:
     """``(prompt_ids, answer_ids)`` of records with answers; prompts of ``max_len / 2`` or
     more tokens are left out (their answers would be cut to little or nothing)."""
-    pairs = []
+    pairs, separator = [], answer_separator(tokenizer)
     for rec in records:
         if rec.get("answer") is None:
             raise DataError("a record has no answer: AR training needs one for every prompt")
         prompt = encode_prompt(tokenizer, rec["messages"])
         if len(prompt) < max_len // 2:
-            pairs.append((prompt, encode_answer(tokenizer, rec["answer"])))
+            pairs.append((prompt, encode_answer(tokenizer, rec["answer"], separator)))
     return pairs

@@ -169,7 +169,7 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import encode_answer, encode_prompt
+    from .data import answer_separator, encode_answer, encode_prompt
 
     out_dir = Path(out_dir)
     teacher = Path(teacher)
@@ -188,12 +188,14 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
                               f"{cfg.block_size}) leaves no room for a prompt in the "
                               f"teacher's {max_pos} positions")
     prompts, answers, cut = [], [], 0
+    separator = answer_separator(tok)
     for rec in records:
         p = encode_prompt(tok, rec["messages"])
         if room is not None and len(p) > room:
             p, cut = p[-room:], cut + 1  # keep the end: the question nearest the answer
         prompts.append(p)
-        answers.append(encode_answer(tok, rec["answer"]) if rec.get("answer") else None)
+        answers.append(encode_answer(tok, rec["answer"], separator)
+                       if rec.get("answer") else None)
     if cut:
         print(f"warning: {cut} prompts longer than {room} tokens were cut from the left")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
