@@ -2,9 +2,11 @@
 
 A larger block accepts more tokens per step but every step verifies ``k + 1`` tokens; on
 a CPU (or a saturated GPU) that cost grows with ``k``. One run, one model, the bundled
-recipe's held-out prompts; AR runs first and last so its spread shows the noise.
+recipe's held-out prompts. Speeds on a shared machine drift, so AR and every k take turns
+``--repeats`` times: each turn's ratio is taken against the AR run of the same turn, and
+the table gives the median ratio and its range over the turns.
 
-    python benchmarks/block_size.py [--model PATH] [--ks 4 8 12 16] [--fill ngram]
+    python benchmarks/block_size.py [--model PATH] [--ks 4 8 12 16] [--repeats 3]
 
 Prints a table (tokens/step, tok/s, vs AR per domain) and saves JSON and a plot.
 """
@@ -19,6 +21,22 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (domain, k): tokens/step, median tok/s, and the median and range of the ratio
+    to the AR run of the same turn."""
+    from statistics import median
+
+    ar = {(r["turn"], r["domain"]): r["tok_s"] for r in rows if r["k"] is None}
+    out = []
+    for d, k in dict.fromkeys((r["domain"], r["k"]) for r in rows):
+        mine = [r for r in rows if r["domain"] == d and r["k"] == k]
+        ratios = [r["tok_s"] / ar[r["turn"], d] for r in mine]
+        out.append({"domain": d, "k": k, "tokens_per_step": mine[0]["tokens_per_step"],
+                    "tok_s": median(r["tok_s"] for r in mine), "vs_ar": median(ratios),
+                    "vs_ar_min": min(ratios), "vs_ar_max": max(ratios)})
+    return sorted(out, key=lambda r: (r["domain"], -1 if r["k"] is None else r["k"]))
+
+
 def main(argv=None) -> int:
     from cllm_vllm.demo import BUNDLED_CLLM, DEMO_FILL, DOMAINS, MAX_TOKENS
 
@@ -28,8 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", default=DEMO_FILL)
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts per domain")
     ap.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
+    ap.add_argument("--repeats", type=int, default=3, help="turns of AR and every k")
     ap.add_argument("--out", default="results/block_size")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
 
     from transformers import AutoTokenizer
 
@@ -40,30 +61,34 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     prompts = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, args.prompts)]
                for d in args.domains}
-    rows, live = [], []
-    for k in [None, *args.ks, None]:
-        llm = _engine(Path(args.model), k, args.fill)
-        live.append(llm)  # in-process engines: shutting one down breaks the next
+    ks = [None, *args.ks]  # None: AR
+    # In-process engines stay alive: shutting one down breaks the next.
+    engines = {k: _engine(Path(args.model), k, args.fill) for k in ks}
+    rows = []
+    for k, llm in engines.items():
         _run(llm, prompts[args.domains[0]][:2], 8, 1)  # warm-up
-        for d in args.domains:
-            outs, t = _run(llm, prompts[d], MAX_TOKENS[d], 1)
-            n = sum(len(o.outputs[0].token_ids) for o in outs)
-            tps = 1.0 if k is None else batch_acceptance(outs).tokens_per_step
-            rows.append({"k": k, "domain": d, "tokens_per_step": round(tps, 3),
-                         "tok_s": round(n / t, 1)})
-            print(rows[-1], flush=True)
-    lines = ["| domain | k | tokens/step | tok/s batch 1 | vs AR (mean of both AR runs) |",
-             "| --- | --- | --- | --- | --- |"]
-    for d in args.domains:
-        ar = [r["tok_s"] for r in rows if r["domain"] == d and r["k"] is None]
-        for r in (r for r in rows if r["domain"] == d):
-            lines.append(f"| {d} | {r['k'] or 'AR'} | {r['tokens_per_step']:.2f} | "
-                         f"{r['tok_s']:.0f} | {r['tok_s'] / (sum(ar) / 2):.2f}x |")
+    for turn in range(args.repeats):
+        for k, llm in engines.items():
+            for d in args.domains:
+                outs, t = _run(llm, prompts[d], MAX_TOKENS[d], 1)
+                n = sum(len(o.outputs[0].token_ids) for o in outs)
+                tps = 1.0 if k is None else batch_acceptance(outs).tokens_per_step
+                rows.append({"turn": turn, "k": k, "domain": d,
+                             "tokens_per_step": round(tps, 3), "tok_s": round(n / t, 1)})
+                print(rows[-1], flush=True)
+    summary = summarise(rows)
+    lines = ["| domain | k | tokens/step | tok/s batch 1 (median) | vs AR: median | range |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in summary:
+        lines.append(f"| {r['domain']} | {r['k'] or 'AR'} | {r['tokens_per_step']:.2f} | "
+                     f"{r['tok_s']:.0f} | {r['vs_ar']:.2f}x | "
+                     f"{r['vs_ar_min']:.2f}-{r['vs_ar_max']:.2f}x |")
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "block_size.json").write_text(json.dumps(rows, indent=1))
+    (out / "block_size.json").write_text(json.dumps({"runs": rows, "summary": summary},
+                                                    indent=1))
     (out / "block_size.md").write_text(table + "\n")
     import matplotlib
 
@@ -72,12 +97,13 @@ def main(argv=None) -> int:
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for d in args.domains:
-        ar = sum(r["tok_s"] for r in rows if r["domain"] == d and r["k"] is None) / 2
-        js = [r for r in rows if r["domain"] == d and r["k"] is not None]
+        js = [r for r in summary if r["domain"] == d and r["k"] is not None]
         ax[0].plot([r["k"] for r in js], [r["tokens_per_step"] for r in js], "o-", label=d)
-        ax[1].plot([r["k"] for r in js], [r["tok_s"] / ar for r in js], "o-", label=d)
+        ax[1].errorbar([r["k"] for r in js], [r["vs_ar"] for r in js], fmt="o-", capsize=3,
+                       yerr=[[r["vs_ar"] - r["vs_ar_min"] for r in js],
+                             [r["vs_ar_max"] - r["vs_ar"] for r in js]])
     ax[0].set(xlabel="block size k", ylabel="tokens per step")
-    ax[1].set(xlabel="block size k", ylabel="Jacobi / AR tok/s, batch 1")
+    ax[1].set(xlabel="block size k", ylabel="Jacobi / AR tok/s, batch 1 (median, range)")
     ax[1].axhline(1.0, color="grey", lw=0.8)
     ax[0].legend()
     fig.tight_layout()
