@@ -3,7 +3,8 @@
 Runs one vLLM engine per policy on the same prompts (a repetitive set and a varied set)
 and prints tokens per step (mean exact tokens gained per verification step).
 
-    python benchmarks/fill_policy.py --model PATH [--k 7] [--out results/fill_policy.json]
+    python benchmarks/fill_policy.py --model PATH [--k 7] [--policies ngram ngram-loop]
+        [--heldout N] [--out results/fill_policy.json]
 
 Without --model it builds the tests' tiny random-weight Llama.
 """
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
                     help="use N held-out prompts per domain of the bundled recipe (chat "
                          "template, stop at EOS) instead of random token prompts")
     ap.add_argument("--k", type=int, default=7)
+    ap.add_argument("--policies", nargs="+", default=None, help="default: all")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--out", default="results/fill_policy.json")
     args = ap.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
                             ignore_eos=not args.heldout)
     results = {}
-    for policy in FILL_POLICIES:
+    for policy in args.policies or FILL_POLICIES:
         llm = LLM(model, dtype="float32", enforce_eager=True, max_model_len=1024,
                   kv_cache_memory_bytes=64 * 2**20, per_request_spec_decode_metrics="summary",
                   speculative_config={"method": "jacobi", "num_speculative_tokens": args.k,

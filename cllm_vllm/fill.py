@@ -19,6 +19,10 @@ Policies:
 * ``ngram-first`` (default): when the exact tokens end in an n-gram (n >= 2) seen before, propose
   its continuation instead of the Jacobi tail; otherwise as ``ngram``. A model that was
   not consistency-trained makes poor tails but loops, and loops are what n-grams catch.
+* ``ngram-loop``: as ``ngram-first``, but only a seen n-gram of ``LOOP_NGRAM`` tokens
+  overrides the tail. A consistency-trained model's tail is usually better than the copy
+  after a seen bigram (numbers and phrases recur in text that does not loop); a long
+  repeat is a loop, where the copy is better.
 
 The default was chosen by measurement: see ``benchmarks/fill_policy.py`` and the README.
 """
@@ -27,9 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
-FILL_POLICIES = ("ngram", "prompt", "repeat", "ngram-first")
+FILL_POLICIES = ("ngram", "prompt", "repeat", "ngram-first", "ngram-loop")
 DEFAULT_FILL = "ngram-first"
 MAX_NGRAM = 4
+LOOP_NGRAM = 6
 
 
 def _ngram_continuation_start(seq: np.ndarray, max_n: int, min_n: int = 1) -> int:
@@ -65,8 +70,9 @@ def fill_guess(
     if k < 1:
         raise ValueError(f"block size must be >= 1, got {k}")
     context = np.asarray(context, dtype=np.int64)
-    if policy == "ngram-first":
-        start = _ngram_continuation_start(context, max_ngram, min_n=2)
+    if policy in ("ngram-first", "ngram-loop"):
+        n = 2 if policy == "ngram-first" else LOOP_NGRAM
+        start = _ngram_continuation_start(context, max(max_ngram, n), min_n=n)
         if start >= 0:
             return np.resize(context[start:], k)
         policy = "ngram"

@@ -77,6 +77,17 @@ def test_unknown_policy():
         fill_guess(np.array([1]), np.array([]), 2, "nope")
 
 
+def test_ngram_loop_needs_a_long_repeat_to_drop_the_tail():
+    tail = np.array([9, 9])
+    # a repeated bigram (2, 3): ngram-first copies what followed it, ngram-loop keeps the tail
+    ctx = np.array([2, 3, 4, 5, 6, 7, 2, 3])
+    assert fill_guess(ctx, tail, 3, "ngram-first").tolist() == [4, 5, 6]
+    assert fill_guess(ctx, tail, 3, "ngram-loop").tolist()[:2] == [9, 9]
+    # a repeated 6-gram is a loop: its continuation replaces the tail
+    loop = np.array([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6])
+    assert fill_guess(loop, tail, 4, "ngram-loop").tolist() == [7, 1, 2, 3]
+
+
 def test_ngram_first_prefers_a_seen_ngram_over_the_tail():
     ctx = np.array([7, 1, 2, 3, 9, 1, 2])
     assert fill_guess(ctx, np.array([5, 5]), 4, "ngram-first").tolist() == [3, 9, 1, 2]
