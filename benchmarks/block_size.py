@@ -61,12 +61,11 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     prompts = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, args.prompts)]
                for d in args.domains}
-    ks = [None, *args.ks]  # None: AR
-    # In-process engines stay alive: shutting one down breaks the next.
-    engines = {k: _engine(Path(args.model), k, args.fill) for k in ks}
-    rows = []
-    for k, llm in engines.items():
+    # k None is AR. In-process engines stay alive: shutting one down breaks the next.
+    engines = {k: _engine(Path(args.model), k, args.fill) for k in [None, *args.ks]}
+    for llm in engines.values():
         _run(llm, prompts[args.domains[0]][:2], 8, 1)  # warm-up
+    rows = []
     for turn in range(args.repeats):
         for k, llm in engines.items():
             for d in args.domains:

@@ -35,6 +35,9 @@ FILL_POLICIES = ("ngram", "prompt", "repeat", "ngram-first", "ngram-loop")
 DEFAULT_FILL = "ngram-first"
 MAX_NGRAM = 4
 LOOP_NGRAM = 6
+# Policies that propose a seen n-gram's continuation instead of the tail: the shortest
+# match that counts.
+_COPY_FIRST = {"ngram-first": 2, "ngram-loop": LOOP_NGRAM}
 
 
 def _ngram_continuation_start(seq: np.ndarray, max_n: int, min_n: int = 1) -> int:
@@ -70,8 +73,8 @@ def fill_guess(
     if k < 1:
         raise ValueError(f"block size must be >= 1, got {k}")
     context = np.asarray(context, dtype=np.int64)
-    if policy in ("ngram-first", "ngram-loop"):
-        n = 2 if policy == "ngram-first" else LOOP_NGRAM
+    if policy in _COPY_FIRST:
+        n = _COPY_FIRST[policy]
         start = _ngram_continuation_start(context, max(max_ngram, n), min_n=n)
         if start >= 0:
             return np.resize(context[start:], k)

@@ -161,9 +161,10 @@ def answer_separator(tokenizer) -> str:
             _PROBE + [{"role": "assistant", "content": _MARK}], tokenize=False)
     except (ValueError, TypeError, TemplateError):  # cannot render an assistant turn
         return ""
-    if full.startswith(prompt) and _MARK in full[len(prompt):]:
-        return full[len(prompt):full.index(_MARK, len(prompt))]
-    return ""
+    if not full.startswith(prompt):
+        return ""
+    between, found, _ = full[len(prompt):].partition(_MARK)
+    return between if found else ""
 
 
 def encode_answer(tokenizer, answer: str, separator: str | None = None) -> list[int]:
