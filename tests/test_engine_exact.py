@@ -104,12 +104,60 @@ def test_repeating_continuations_accept_more_than_one_and_a_half_tokens(models):
 
 @pytest.mark.parametrize("k", [1, 2, 16, 31])
 def test_block_sizes(models, reference, k):
+    """Adaptive drafting (the default) and the fixed block, which drafts all k tokens."""
     idx = list(range(0, 64, 4)) + list(range(64, 80))
-    with engine(models["llama"], jacobi_k=k) as llm:
-        got = generate_ids(llm, [PROMPTS[i] for i in idx], greedy())
-        acc = engine_acceptance(llm)
-    assert_same(got, [reference[i] for i in idx])
-    assert acc.steps > 0 and acc.drafted == pytest.approx(acc.steps * k, rel=0.2)
+    for adaptive in (True, False):
+        with engine(models["llama"], jacobi_k=k,
+                    jacobi_options={"adaptive": adaptive}) as llm:
+            got = generate_ids(llm, [PROMPTS[i] for i in idx], greedy())
+            acc = engine_acceptance(llm)
+        assert_same(got, [reference[i] for i in idx])
+        assert acc.steps > 0 and acc.accepted > 0
+        if not adaptive:
+            assert acc.drafted == pytest.approx(acc.steps * k, rel=0.2)
+
+
+def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models):
+    """Two requests share every step: a greedy one on a repeating continuation (its
+    guesses land) and one sampled at a high temperature (its guesses almost never do).
+    The first keeps drafting; the second soon drafts nothing, whatever the step costs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = repetitive_prompts(2, seed=31)
+    params = [greedy(max_tokens=160),
+              SamplingParams(temperature=2.0, max_tokens=160, ignore_eos=True, seed=1)]
+    with engine(models["loop"], jacobi_k=8) as llm:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                            use_tqdm=False)
+    from cllm_vllm.stats import request_acceptance
+
+    repeating, noisy = (request_acceptance(o) for o in outs)
+    assert repeating.tokens_per_step > 3, repeating
+    assert repeating.drafted > 100, repeating
+    # A few tries while its evidence builds up, then (almost) nothing in 160 steps.
+    assert noisy.accepted <= 3 and noisy.drafted <= 3 * 8, noisy
+
+
+def test_per_batch_size_schedule_bounds_the_block(models):
+    """`num_speculative_tokens_per_batch_size` caps the draft per request by batch size:
+    6 tokens for a request alone, 1 once two or more share the step."""
+    from vllm.inputs import TokensPrompt
+
+    schedule = [(1, 1, 6), (2, 1024, 1)]
+    prompts = repetitive_prompts(9, seed=41)
+    with engine(models["loop"], jacobi_k=8, jacobi_options={
+            "adaptive": False, "num_speculative_tokens_per_batch_size": schedule}) as llm:
+        alone = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], greedy(max_tokens=60),
+                             use_tqdm=False)
+        batch = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[1:]],
+                             greedy(max_tokens=60), use_tqdm=False)
+    one = batch_acceptance(alone)
+    assert one.steps > 0 and one.drafted == 6 * one.steps
+    many = batch_acceptance(batch)
+    # Steps with two or more requests draft 1 token each; only a last straggler, alone,
+    # may draft up to 6.
+    assert many.steps > 0 and many.drafted <= 1.3 * many.steps, many
 
 
 def test_continuous_batching(jacobi, reference):

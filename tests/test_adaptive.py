@@ -1,0 +1,128 @@
+"""The adaptive draft-length policy as pure functions: plan, step cost, acceptance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cllm_vllm.adaptive import (
+    MIN_GAIN,
+    AcceptanceTracker,
+    StepCostModel,
+    plan_draft_lengths,
+    verified_prefix,
+)
+
+K = 16
+
+
+def linear_cost(fixed: float, per_token: float):
+    return lambda n: fixed + per_token * np.asarray(n, dtype=np.float64)
+
+
+def survival_of(rates: list[float]) -> np.ndarray:
+    """Rows whose guesses are each accepted with the given conditional rate."""
+    return np.array([np.full(K, r) for r in rates]).cumprod(axis=1)
+
+
+def test_cheap_steps_draft_long_blocks_expensive_steps_none():
+    s = survival_of([0.8] * 4)
+    full = np.full(4, K)
+    cheap = plan_draft_lengths(s, full, linear_cost(1.0, 1e-4), base_tokens=4, base_gain=4)
+    # Worth it while 0.8^i >= MIN_GAIN and the token costs next to nothing.
+    assert (cheap == int(np.log(MIN_GAIN) / np.log(0.8))).all(), cheap
+    # A step that costs per token only (a saturated device): a guess accepted 90% of the
+    # time cannot beat the sure token it rides beside.
+    saturated = plan_draft_lengths(s, full, linear_cost(0.0, 1.0), base_tokens=4, base_gain=4)
+    assert (saturated == 0).all()
+    # In between: some drafting, shorter than when cheap.
+    middle = plan_draft_lengths(s, full, linear_cost(1.0, 0.05), base_tokens=4, base_gain=4)
+    assert 0 < middle.sum() < cheap.sum()
+
+
+def test_poor_acceptance_drafts_nothing_good_acceptance_keeps_drafting():
+    s = survival_of([0.02, 0.95, 0.5])
+    got = plan_draft_lengths(s, np.full(3, K), linear_cost(1.0, 1e-3), 3, 3)
+    assert got[0] == 0
+    assert got[1] > got[2] > 0
+
+
+def test_more_load_means_shorter_blocks():
+    """The same requests and per-token cost: a bigger batch drafts fewer tokens per request."""
+    cost = linear_cost(1.0, 0.01)
+    per_request = []
+    for batch in (1, 8, 64):
+        s = survival_of([0.8] * batch)
+        plan = plan_draft_lengths(s, np.full(batch, K), cost, batch, batch)
+        per_request.append(plan.mean())
+    assert per_request[0] > per_request[1] > per_request[2] > 0
+
+
+def test_plan_respects_max_len_and_is_the_best_total():
+    s = survival_of([0.99, 0.99])
+    cost = linear_cost(1.0, 0.02)
+    got = plan_draft_lengths(s, np.array([3, 0]), cost, 2, 2)
+    assert got.tolist() == [3, 0]
+    # Brute force over all lengths for a small case: the plan is optimal.
+    s = survival_of([0.9, 0.6, 0.3])[:, :4]
+    best = max(
+        ((3 + sum(s[r, :d].sum() for r, d in enumerate(ds))) / cost(3 + sum(ds)), ds)
+        for ds in np.ndindex(5, 5, 5)
+    )
+    got = plan_draft_lengths(s, np.full(3, 4), cost, 3, 3, min_gain=0.0)
+    value = (3 + sum(s[r, :d].sum() for r, d in enumerate(got))) / cost(3 + got.sum())
+    assert value == pytest.approx(best[0])
+
+
+def test_step_cost_model_learns_a_curve_online():
+    model = StepCostModel()
+    assert (model.predict(np.array([1, 100])) == 1.0).all()  # nothing known: flat
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        n = int(rng.integers(1, 600))
+        model.observe(n, 0.01 + 0.0001 * n + rng.normal(0, 1e-4))
+    pred = model.predict(np.array([10, 100, 500, 1200]))
+    want = 0.01 + 0.0001 * np.array([10, 100, 500, 1200])
+    np.testing.assert_allclose(pred, want, rtol=0.1)
+    assert (np.diff(model.predict(np.arange(1, 2000))) >= 0).all()  # never cheaper with more
+
+
+def test_step_cost_model_follows_a_change_of_load():
+    model = StepCostModel()
+    for _ in range(50):
+        model.observe(64, 0.010)
+    for _ in range(100):
+        model.observe(64, 0.030)  # the machine got busier
+    assert model.predict(np.array([64]))[0] == pytest.approx(0.030, rel=0.05)
+
+
+def test_tracker_separates_requests_and_starts_new_ones_from_the_engine_average():
+    tracker = AcceptanceTracker(k=4, capacity=2)
+    slots = tracker.slots(["good", "bad"])
+    for _ in range(30):
+        tracker.observe(slots, tried=np.array([4, 1]), matched=np.array([4, 0]))
+    good, bad = tracker.survival(slots)
+    assert good[-1] > 0.8 and bad[0] < MIN_GAIN
+    # A new request (slot recycled from "bad", which left) starts between the two.
+    new_slots = tracker.slots(["good", "new"])
+    assert len(tracker) == 2 and new_slots[0] == slots[0]
+    new = tracker.survival(new_slots)[1]
+    assert bad[0] < new[0] < good[0]
+
+
+def test_tracker_grows_past_its_capacity():
+    tracker = AcceptanceTracker(k=2, capacity=1)
+    slots = tracker.slots([f"r{i}" for i in range(5)])
+    assert len(set(slots.tolist())) == 5
+
+
+def test_verified_prefix_counts_sent_and_unsent_guesses():
+    guess = np.array([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]])
+    guess_len = np.array([4, 4, 4, 0])
+    exact = np.array([[5, 6, 9, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 1], [5, 0, 0, 0, 0]])
+    exact_len = np.array([3, 1, 5, 1])
+    tried, matched = verified_prefix(guess, guess_len, exact, exact_len)
+    # Row 0: two accepted then a mismatch; row 1: nothing sent, the first guess held;
+    # row 2: the whole guess held; row 3: no guess kept.
+    assert matched.tolist() == [2, 1, 4, 0]
+    assert tried.tolist() == [3, 1, 4, 0]
