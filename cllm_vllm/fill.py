@@ -101,8 +101,10 @@ def _copy_cyclic(src, start, end, dst, d0, d1):
 
 @numba.njit(cache=True)
 def _fill_rows(token_ids, num_tokens, tails, tail_lens, k, policy, copy_min_n, max_ngram,
-               window, active, out):
-    """The guess blocks of every active row (all policies but ``prompt``) into ``out``."""
+               window, active, out, carried, copied):
+    """The guess blocks of every active row (all policies but ``prompt``) into ``out``;
+    ``carried[i]``: how many of row i's leading guesses are the tail or an n-gram copy,
+    ``copied[i]``: whether it is a copy."""
     # The `ngram` search runs over context + tail, which live in two buffers: the window's
     # worth of both is copied here (a bounded copy; the context itself is read in place).
     seq = np.empty(min(window, token_ids.shape[1] + k), np.int64)
@@ -117,9 +119,13 @@ def _fill_rows(token_ids, num_tokens, tails, tail_lens, k, policy, copy_min_n, m
                                          max(max_ngram, copy_min_n), copy_min_n)
             if start >= 0:
                 _copy_cyclic(ctx, start, n_ctx, row, 0, k)
+                carried[i] = k
+                copied[i] = True
                 continue
             # No seen n-gram: the tail leads, topped up as `ngram` does.
         n_tail = min(tail_lens[i], k)
+        carried[i] = n_tail
+        copied[i] = False
         for t in range(n_tail):
             row[t] = tails[i, t]
         if n_tail == k:
@@ -180,6 +186,8 @@ def fill_guesses(
     num_prompt_tokens: np.ndarray | None = None,
     window: int = NGRAM_WINDOW,
     max_ngram: int = MAX_NGRAM,
+    carried: np.ndarray | None = None,
+    copied: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write the guess block of every row into ``out[i, :k]`` (one call per batch).
 
@@ -190,7 +198,11 @@ def fill_guesses(
     ``num_prompt_tokens`` (per row, default: the whole context) matters to ``prompt`` only.
 
     Each row equals :func:`fill_guess` on that row; n-gram searches read only the last
-    ``window`` tokens of the sequence they search. Returns ``out``.
+    ``window`` tokens of the sequence they search. Returns ``out``. If given, ``carried[i]``
+    (int64) receives how many leading guesses of row i are carried over (the Jacobi tail,
+    or a copy-first policy's n-gram copy) rather than made up by the fill, and
+    ``copied[i]`` (bool) whether they are a copy: the adaptive policy learns from carried
+    guesses only, and keeps tails and copies apart (:mod:`cllm_vllm.adaptive`).
     """
     code = _policy_code(policy)
     if k < 1:
@@ -216,6 +228,10 @@ def fill_guesses(
         raise ValueError(f"every per-row argument needs >= {rows} rows")
     if rows == 0:
         return out
+    if carried is None:
+        carried = np.empty(rows, dtype=np.int64)
+    if copied is None:
+        copied = np.empty(rows, dtype=np.bool_)
     # The kernel does not check bounds: keep its reads inside the buffers.
     if num_tokens.min() < 0 or num_tokens.max() > token_ids.shape[1] or tail_lens.min() < 0:
         raise ValueError("num_tokens must lie in [0, token_ids.shape[1]], tail_lens >= 0")
@@ -227,9 +243,11 @@ def fill_guesses(
             out[i, : len(tail)] = tail
             out[i, len(tail) : k] = _prompt_fill(
                 token_ids[i, : num_tokens[i]], tail, k, n_prompt)
+            carried[i] = len(tail)
+            copied[i] = False
         return out
     _fill_rows(token_ids, num_tokens, tails, tail_lens, k, code, _COPY_FIRST.get(policy, 0),
-               max_ngram, window, active, out)
+               max_ngram, window, active, out, carried, copied)
     return out
 
 

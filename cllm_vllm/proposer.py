@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from cllm_vllm.adaptive import (
+    COPY,
+    TAIL,
     AcceptanceTracker,
     StepCostModel,
     plan_draft_lengths,
@@ -51,10 +53,15 @@ class JacobiProposer:
         self._k_by_batch = per_batch_k_schedule(spec, max_reqs)
         self._tails = np.zeros((max_reqs, self.k), dtype=np.int64)
         self._guesses = np.zeros((max_reqs, self.k), dtype=np.int64)
+        self._carried = np.zeros(max_reqs, dtype=np.int64)
+        self._copied = np.zeros(max_reqs, dtype=np.bool_)
         self.tracker = AcceptanceTracker(self.k, max_reqs) if self.options.adaptive else None
-        self.step_cost = StepCostModel()
+        # Seconds per engine step against tokens run: steps with drafts, steps without.
+        self.draft_step_cost = StepCostModel()
+        self.plain_step_cost = StepCostModel()
         self._step_start: float | None = None
         self._step_tokens = 0
+        self._step_drafts = False
         # Filled by observe_verification() for the step being sampled, consumed by propose().
         self._argmax: torch.Tensor | None = None
         self._num_draft: np.ndarray | None = None
@@ -65,8 +72,9 @@ class JacobiProposer:
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model: the target verifies its own guesses (vLLM's CPU runner calls this)."""
 
-    def step_started(self, num_tokens: int, continuing: bool) -> None:
-        """An engine step that runs ``num_tokens`` tokens starts now.
+    def step_started(self, num_tokens: int, has_drafts: bool, continuing: bool) -> None:
+        """An engine step that runs ``num_tokens`` tokens (some of them drafts, or not)
+        starts now.
 
         The time from one step's start to the next is that step's full cost (forward pass,
         sampling, drafting, and the engine's scheduling and output handling). It is not
@@ -74,8 +82,10 @@ class JacobiProposer:
         """
         now = time.perf_counter()
         if self._step_start is not None and continuing:
-            self.step_cost.observe(self._step_tokens, now - self._step_start)
-        self._step_start, self._step_tokens = (now, num_tokens) if num_tokens else (None, 0)
+            curve = self.draft_step_cost if self._step_drafts else self.plain_step_cost
+            curve.observe(self._step_tokens, now - self._step_start)
+        self._step_start = now if num_tokens else None
+        self._step_tokens, self._step_drafts = num_tokens, has_drafts
 
     def observe_verification(
         self,
@@ -91,7 +101,9 @@ class JacobiProposer:
         """
         self._num_prompt_tokens = num_prompt_tokens
         self._req_ids = req_ids
-        if num_draft_tokens is None:
+        if num_draft_tokens is None or not any(num_draft_tokens):
+            # No guess was verified this step (vLLM 0.32 takes its speculative path even
+            # so): nothing to split into exact tokens and tail.
             self._argmax = self._num_draft = None
             return
         # The argmax is taken before vLLM's sampler rescales or masks the logits in place;
@@ -113,19 +125,22 @@ class JacobiProposer:
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
             self._tails = np.zeros((rows, self.k), dtype=np.int64)
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
+            self._carried = np.zeros(rows, dtype=np.int64)
+            self._copied = np.zeros(rows, dtype=np.bool_)
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         num_tokens = num_tokens_no_spec[:rows].astype(np.int64)
         tails, tail_lens = self._tails[:rows], self._verified_tails(num_new)
 
         # Only rows with a sample decode next step (none: a prefill chunk, or a discarded
         # output). Leave room for the bonus token: vLLM trims a draft past max_model_len.
-        room = np.clip(self.max_model_len - num_tokens - 1, 0, self._max_k(rows))
-        max_len = np.where(num_new > 0, room, 0)
+        room = np.minimum(self.max_model_len - num_tokens - 1, self._max_k(rows))
+        max_len = np.where(num_new > 0, np.maximum(room, 0), 0)
 
         guesses = self._guesses[:rows]
         fill_guesses(
             token_ids_cpu, num_tokens, tails, tail_lens, self.k, self.options.fill, guesses,
             active=max_len > 0, num_prompt_tokens=self._num_prompt_tokens,
+            carried=self._carried[:rows], copied=self._copied[:rows],
         )
         if self.tracker is None or len(self._req_ids) < rows:
             lengths = max_len
@@ -152,7 +167,7 @@ class JacobiProposer:
         drafted = self._num_draft[:rows]
         offsets = np.concatenate([[0], np.cumsum(drafted + 1)[:-1]])
         start = offsets + num_new  # first tail row; rows without a sample have no tail
-        lens = np.where(num_new > 0, np.clip(drafted + 1 - num_new, 0, self.k), 0)
+        lens = np.where(num_new > 0, np.maximum(drafted + 1 - num_new, 0), 0)
         j = np.arange(self.k)[None, :]
         src = np.minimum(start[:, None] + j, len(argmax) - 1)
         np.copyto(self._tails[:rows], argmax[src], where=j < lens[:, None])
@@ -171,12 +186,27 @@ class JacobiProposer:
         last_guess, last_len = tracker.last_guesses(slots)
         tried, matched = verified_prefix(last_guess, last_len, exact, num_new)
         tracker.observe(slots, tried, matched)
+        sources = np.where(self._copied[:rows], COPY, TAIL)
+        # Until both kinds of step have been timed, price one like the other: an unknown
+        # draft step then looks as cheap as a plain one, so it gets tried and measured.
+        drafting, plain = self.draft_step_cost, self.plain_step_cost
+        if not drafting.num_observed_bins:
+            drafting = plain
+        if not plain.num_observed_bins:
+            plain = drafting
+        # A step without drafts never costs more than one with drafts and as many tokens
+        # (plain steps may be rare, e.g. only prefills, while every decode step drafts).
+        base = np.array([rows])
+        plain_seconds = float(min(plain.predict(base)[0], drafting.predict(base)[0]))
         lengths = plan_draft_lengths(
-            tracker.survival(slots),
+            tracker.survival(slots, sources),
             max_len,
-            self.step_cost.predict,
+            drafting.predict,
             base_tokens=rows,
             base_gain=float(np.count_nonzero(num_new)),
+            plain_step_cost=plain_seconds,
         )
-        tracker.remember(slots, guesses, max_len)
+        # Learn from carried guesses only (see cllm_vllm.adaptive), sent or not.
+        carried = np.where(max_len > 0, self._carried[:rows], 0)
+        tracker.remember(slots, guesses, carried, sources)
         return lengths

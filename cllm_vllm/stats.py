@@ -24,21 +24,34 @@ class Acceptance:
     """Draft tokens accepted over those steps."""
     drafted: int
     """Draft tokens proposed over those steps."""
+    tokens: int = 0
+    """Output tokens (0: not known)."""
 
     @property
     def tokens_per_step(self) -> float:
-        """Mean exact tokens gained per step: 1 + accepted / steps (1.0 without steps)."""
+        """Mean exact tokens gained per engine step.
+
+        Every step a request takes part in gains one token plus its accepted guesses, so
+        with the output length known that is ``tokens / (tokens - accepted)``: steps in
+        which adaptive drafting sent no guess count too. Without it, ``1 + accepted /
+        steps`` over the steps that carried a draft (1.0 without any).
+        """
+        if self.tokens:
+            return self.tokens / max(self.tokens - self.accepted, 1)
         return 1.0 + self.accepted / self.steps if self.steps else 1.0
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def drafted_per_step(self) -> float:
+        """Mean guesses sent per engine step (needs the output length)."""
+        steps = self.tokens - self.accepted
+        return self.drafted / steps if steps > 0 else 0.0
 
     def __add__(self, other: Acceptance) -> Acceptance:
         return Acceptance(
             self.steps + other.steps,
             self.accepted + other.accepted,
             self.drafted + other.drafted,
+            self.tokens + other.tokens,
         )
 
 
@@ -53,7 +66,7 @@ def request_acceptance(output: Any) -> Acceptance:
         )
     steps = sum(metrics.histogram)
     accepted = sum(j * c for j, c in enumerate(metrics.histogram))
-    return Acceptance(steps, accepted, metrics.num_draft_tokens)
+    return Acceptance(steps, accepted, metrics.num_draft_tokens, len(completion.token_ids))
 
 
 def batch_acceptance(outputs: Iterable[Any]) -> Acceptance:
@@ -71,4 +84,5 @@ def engine_acceptance(llm: Any) -> Acceptance:
         int(values.get("vllm:spec_decode_num_drafts") or 0),
         int(values.get("vllm:spec_decode_num_accepted_tokens") or 0),
         int(values.get("vllm:spec_decode_num_draft_tokens") or 0),
+        int(values.get("vllm:generation_tokens") or 0),
     )

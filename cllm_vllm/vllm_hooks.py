@@ -99,7 +99,8 @@ def check_vllm_surface() -> list[str]:
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
     fields = set(getattr(SchedulerOutput, "__dataclass_fields__", {}))
-    for name in ("total_num_scheduled_tokens", "scheduled_cached_reqs"):
+    for name in ("total_num_scheduled_tokens", "scheduled_cached_reqs",
+                 "scheduled_spec_decode_tokens"):
         if name not in fields:
             problems.append(f"SchedulerOutput.{name} is gone")
     if "req_ids" not in getattr(CachedRequestData, "__dataclass_fields__", {}):
@@ -214,6 +215,7 @@ def install_runner_hook() -> None:
             if isinstance(drafter, JacobiProposer):
                 drafter.step_started(
                     scheduler_output.total_num_scheduled_tokens,
+                    has_drafts=bool(scheduler_output.scheduled_spec_decode_tokens),
                     continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
                 )
             return original(self, scheduler_output, *args, **kwargs)

@@ -81,10 +81,24 @@ def test_step_cost_model_learns_a_curve_online():
     for _ in range(400):
         n = int(rng.integers(1, 600))
         model.observe(n, 0.01 + 0.0001 * n + rng.normal(0, 1e-4))
-    pred = model.predict(np.array([10, 100, 500, 1200]))
-    want = 0.01 + 0.0001 * np.array([10, 100, 500, 1200])
-    np.testing.assert_allclose(pred, want, rtol=0.1)
+    pred = model.predict(np.array([10, 100, 500]))
+    np.testing.assert_allclose(pred, 0.01 + 0.0001 * np.array([10, 100, 500]), rtol=0.1)
     assert (np.diff(model.predict(np.arange(1, 2000))) >= 0).all()  # never cheaper with more
+    # Beyond what was measured: no dearer than the largest size measured (optimistic).
+    assert model.predict(np.array([5000]))[0] == model.predict(np.array([600]))[0]
+
+
+def test_step_cost_model_forgets_a_stall_it_never_revisits():
+    """One stalled step must not keep a size looking dear forever: the policy avoids it
+    and so would never measure it again."""
+    model = StepCostModel()
+    for _ in range(20):
+        model.observe(8, 0.010)
+    model.observe(16, 0.500)  # a stall, counted at most SPIKE x the prediction
+    assert model.predict(np.array([16]))[0] <= StepCostModel.SPIKE * 0.010 + 1e-9
+    for _ in range(300):
+        model.observe(8, 0.010)
+    assert model.predict(np.array([16]))[0] == pytest.approx(0.010)
 
 
 def test_step_cost_model_follows_a_change_of_load():
@@ -108,6 +122,20 @@ def test_tracker_separates_requests_and_starts_new_ones_from_the_engine_average(
     assert len(tracker) == 2 and new_slots[0] == slots[0]
     new = tracker.survival(new_slots)[1]
     assert bad[0] < new[0] < good[0]
+
+
+def test_a_request_without_evidence_returns_to_the_engine_estimate():
+    tracker = AcceptanceTracker(k=2, capacity=4)
+    slots = tracker.slots(["a", "b"])
+    for _ in range(30):  # "a" fails, "b" (the rest of the engine) succeeds
+        tracker.observe(slots, tried=np.array([1, 2]), matched=np.array([0, 2]))
+    assert tracker.survival(slots)[0, 0] < MIN_GAIN
+    for _ in range(80):  # "a" drafts nothing and has nothing to check
+        tracker.observe(slots, tried=np.array([0, 2]), matched=np.array([0, 2]))
+    # Back to the engine-wide rate at the first position (both requests' record).
+    engine_rate = tracker.survival(tracker.slots(["a", "b", "new"]))[2, 0]
+    assert tracker.survival(slots)[0, 0] == pytest.approx(engine_rate, abs=0.02)
+    assert engine_rate > 0.3
 
 
 def test_tracker_grows_past_its_capacity():
