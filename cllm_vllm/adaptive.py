@@ -6,24 +6,28 @@ is large (or a request's guesses keep failing) they cost compute and buy nothing
 policy here picks a length ``d_r`` in ``0..k`` per request and step that maximises the
 expected number of exact tokens per second of the whole step::
 
-    maximise   (B + sum_r sum_{i <= d_r} s_r(i))  /  T(N_0 + sum_r d_r)
+    maximise   (B + sum_r sum_{i <= d_r} s_r(i))  /  (P(N_0) + X(sum_r d_r))
 
 * ``s_r(i)``: the chance that request ``r``'s first ``i`` guesses are all accepted,
   ``prod_{j <= i} c_r(j)``, from its own recent steps (:class:`AcceptanceTracker`). Each
   request always gains its own next token (the ``B``); guess ``i`` adds ``s_r(i)``.
-  Only *carried* guesses are learnt from: the Jacobi tail (refined by the last step) and
-  n-gram copies, not the fill's made-up top-up. ``s_r`` is what a request gets when it
-  keeps drafting (its guesses are then mostly carried), so a request with a short draft,
-  whose fresh top-up is rarely accepted, does not talk itself into ever shorter drafts.
-  Tails and copies are counted apart (a CLLM's tails are good where a copy-first fill's
-  copies are not, and the reverse for a model that loops): the next guess is judged by
-  the record of its own source.
-* ``T(N)``: the measured wall time of an engine step that runs ``N`` tokens
-  (:class:`StepCostModel`), learnt online from the steps the engine actually runs, so the
-  same code drafts long blocks on an idle GPU and few or none on a saturated CPU. Steps
-  that carry no draft at all skip vLLM's verification (rejection sampler, per-position
-  logits) and are measured on a curve of their own: the plan with no draft is priced
-  on it.
+  Guesses are counted by source: the Jacobi tail (refined by the last step), an n-gram
+  copy, or the fill's fresh top-up after the tail. A CLLM's tails are good where its
+  fresh guesses and a copy-first fill's copies often are not, and the reverse for a model
+  that loops; a request that starts drafting has no tail yet. A request that is not
+  drafting is judged by the sources of its actual next guess, position by position: to
+  start, it must pay its way with what it has. One that drafted in the last step is
+  judged as if its whole guess were carried: while it keeps drafting, the fresh guesses
+  at the end of this block become next step's tail, a return the one-step ratio below
+  does not see, and without it every block would shrink step by step.
+* ``T(N_0 + m) = P(N_0) + X(m)``: the wall time of an engine step, learnt online from the
+  steps the engine actually runs (:class:`StepCostModel`), so the same code drafts long
+  blocks on an idle GPU and few or none on a saturated CPU. ``P(N)`` is a step without
+  any guess that runs ``N`` tokens (``N_0``: one per request, plus prefill chunks);
+  ``X(m)``, what ``m`` guesses add to it (vLLM's verification, which the first guess
+  switches on, and the tokens), is measured as the rest of a drafting step's time. The
+  split keeps what a step costs per request (scheduling, sampling, output handling)
+  apart from what the guesses cost, whatever the number of requests.
 
 Because ``s_r(i)`` never grows with ``i``, the best plan for a given total of draft tokens
 takes the largest ``s_r(i)`` over all requests; :func:`plan_draft_lengths` tries every
@@ -36,6 +40,7 @@ on them, so preemption, recompute and batch reordering cannot change any output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -49,39 +54,45 @@ REQUEST_DECAY = 0.9
 """Forgetting per step of a request's own evidence (about its last ten steps count):
 acceptance moves within a reply, e.g. when a model falls into a loop."""
 
+MIN_SPEEDUP = 1.1
+"""Guesses are sent only when the plan promises at least this much more throughput than a
+step without any: the estimates are noisy and a request's guesses are worth less when it
+stops and starts drafting than when it keeps going, so a marginal promise is a loss."""
+
 POPULATION_DECAY = 0.995
 """Forgetting of the engine-wide evidence that new requests start from, per request-step
 that brings new evidence (about the last 200): it does not fade while nothing is learnt,
 so a loaded engine whose requests all rest keeps what it knew of them."""
 
+CALIBRATION_DECAY = 0.95
+"""Forgetting per planned step of the record of promised against accepted guesses."""
+
 PRIOR_WEIGHT = 1.0
 """How many of its own observations a request needs to outweigh the engine-wide estimate."""
 
-OPTIMISM = 0.9
+OPTIMISM = 0.5
 """The conditional acceptance assumed where the engine has no recent evidence (one
-pseudo-trial that never fades). Optimism keeps the estimates honest: a position believed
-too good is drafted and corrected at once, one believed too poor would never be drafted
-again. Deep positions tend to hold once the ones before them do (a Jacobi prefix that is
-right makes the next prediction right), which a CLLM shows most."""
+pseudo-trial that never fades): no opinion. Measured on the bundled CLLM, a more
+optimistic prior (0.9) made a loaded engine keep trying guesses that were accepted half
+as often as believed, at a loss; unexplored positions are still drafted where a step's
+extra tokens are cheap, which is where exploring them pays."""
 
 
 def plan_draft_lengths(
     survival: np.ndarray,
     max_len: np.ndarray,
-    step_cost: Callable[[np.ndarray], np.ndarray],
-    base_tokens: int,
+    plain_seconds: float,
+    extra_seconds: Callable[[np.ndarray], np.ndarray],
     base_gain: float,
     min_gain: float = MIN_GAIN,
-    plain_step_cost: float | None = None,
+    min_speedup: float = MIN_SPEEDUP,
 ) -> np.ndarray:
     """Draft length per request that maximises expected exact tokens per second.
 
     ``survival[r, i]``: chance that guesses ``0..i`` of request ``r`` are all accepted
     (non-increasing along ``i``); ``max_len[r]``: the most guesses ``r`` may get;
-    ``step_cost(n)``: predicted seconds of a step running ``n`` tokens with drafts
-    (vectorised); ``plain_step_cost``: seconds of the step without any draft (default
-    ``step_cost(base_tokens)``); ``base_tokens`` / ``base_gain``: tokens run and exact
-    tokens gained without any guess.
+    ``plain_seconds``: the step without any guess; ``extra_seconds(m)``: what ``m >= 1``
+    guesses in all add to it (vectorised); ``base_gain``: exact tokens without a guess.
     """
     rows, k = survival.shape
     positions = np.arange(k)
@@ -91,10 +102,12 @@ def plan_draft_lengths(
         return np.zeros(rows, dtype=np.int64)
     order = np.argsort(-gains, kind="stable")
     expected = base_gain + np.concatenate([[0.0], np.cumsum(gains[order])])
-    seconds = step_cost(base_tokens + np.arange(gains.size + 1))
-    if plain_step_cost is not None:
-        seconds[0] = plain_step_cost
-    best = int(np.argmax(expected / seconds))  # the first best: fewer tokens on a tie
+    seconds = np.full(gains.size + 1, float(plain_seconds))
+    seconds[1:] += extra_seconds(np.arange(1, gains.size + 1))
+    rate = expected / seconds
+    best = int(np.argmax(rate))  # the first best: fewer tokens on a tie
+    if rate[best] < min_speedup * rate[0]:
+        best = 0
     owners = np.nonzero(usable)[0][order[:best]]
     return np.bincount(owners, minlength=rows).astype(np.int64)
 
@@ -104,9 +117,10 @@ class StepCostModel:
 
     Observations are binned on a log scale (four bins per doubling) and averaged with
     exponential forgetting, so the curve follows drift (other load, longer contexts).
-    Between bins the prediction is linear; outside the measured sizes it is flat, so an
-    untried larger step looks no dearer than the largest one measured: the policy tries
-    it once and learns its cost (about four tries per doubling of the step's size).
+    Between bins the prediction is linear. Outside the measured sizes it is optimistic, so
+    that the policy tries an untried size once and learns its cost (about four tries per
+    doubling): above the largest size it is flat; below the smallest, flat as well, or
+    with ``through_zero`` (for what ``m`` guesses add: nothing at ``m = 0``) in proportion.
 
     Errors must stay optimistic, or the policy stops trying the sizes that would correct
     them: one stalled step (a first call, a page fault, another process) counts at most
@@ -121,8 +135,10 @@ class StepCostModel:
     SPIKE = 2.0  # a sustained rise is still learnt: the prediction can double each step
     FADE = 0.99  # per step: a bin's weight halves in ~70 steps without a visit...
     DROP = 0.25  # ...and below this it no longer counts (~140 steps after one visit)
+    ESTABLISHED = 1.5  # weight of a bin seen twice lately: believed even when it is dear
 
-    def __init__(self, max_tokens: int = 1 << 20) -> None:
+    def __init__(self, max_tokens: int = 1 << 20, through_zero: bool = False) -> None:
+        self.through_zero = through_zero
         n_bins = self._bin(max_tokens) + 1
         self._weight = np.zeros(n_bins)
         self._tokens = np.zeros(n_bins)
@@ -130,24 +146,54 @@ class StepCostModel:
         self.num_observed_bins = 0
         self._xs = self._ys = np.zeros(0)
 
-    def _bin(self, tokens: int) -> int:
-        return int(round(self.BINS_PER_DOUBLING * np.log2(max(tokens, 1))))
+    def knows(self, tokens: int) -> bool:
+        """Whether a size within half a doubling of ``tokens`` has been measured lately."""
+        b = self._bin(tokens)
+        near = self._weight[max(b - 2, 0) : b + 3]
+        return bool((near >= self.DROP).any())
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        if self.num_observed_bins:
-            seconds = min(seconds, self.SPIKE * float(self.predict(np.array([tokens]))[0]))
+    def _bin(self, tokens: int) -> int:
+        return int(round(self.BINS_PER_DOUBLING * math.log2(max(tokens, 1))))
+
+    def observe(self, tokens: int, seconds: float, limit: float = math.inf) -> None:
+        """Record one step; ``limit`` caps what it counts (the caller's prediction of the
+        whole step, times ``SPIKE``, covers sizes this curve has not seen yet)."""
         b = min(self._bin(tokens), len(self._weight) - 1)
+        if self._weight[b] >= self.ESTABLISHED:  # a known size: a stall counts so much
+            limit = min(limit, self.SPIKE * self.predict_one(tokens))
+        seconds = min(seconds, limit)
         self._weight *= self.FADE
         w = self._weight[b] = min(self._weight[b] + 1.0, self.MEMORY)
         self._tokens[b] += (tokens - self._tokens[b]) / w
         self._seconds[b] += (seconds - self._seconds[b]) / w
-        seen = self._weight >= self.DROP
-        self.num_observed_bins = int(np.count_nonzero(seen))
-        # The curve predict() reads, rebuilt once per observation (predict runs more often).
-        # A step never gets cheaper by running more tokens: where noise says otherwise,
-        # believe the cheaper, larger step.
-        self._xs = self._tokens[seen]
-        self._ys = np.minimum.accumulate(self._seconds[seen][::-1])[::-1]
+        self._rebuild()
+
+    def _line(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bins in ``mask`` as an interpolation table. A step never gets cheaper by
+        running more tokens: where noise says otherwise, believe the cheaper, larger step."""
+        xs = self._tokens[mask]
+        ys = np.minimum.accumulate(self._seconds[mask][::-1])[::-1]
+        if self.through_zero:
+            xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
+        return xs, ys
+
+    def _rebuild(self) -> None:
+        """The curve predict() reads, rebuilt once per observation (predict runs more
+        often). A bin seen once is only believed where it says a size is cheaper than the
+        established bins do: a one-off stall must not hide a size from the policy."""
+        live = self._weight >= self.DROP
+        established = self._weight >= self.ESTABLISHED
+        use = live
+        if established.any():
+            tentative = live & ~established
+            xs, ys = self._line(established)
+            cheaper = self._seconds < np.interp(self._tokens, xs, ys)
+            use = established | (tentative & cheaper)
+        self.num_observed_bins = int(np.count_nonzero(use))
+        self._xs, self._ys = self._line(use)
+
+    def predict_one(self, tokens: int) -> float:
+        return float(self.predict(np.array([tokens]))[0])
 
     def predict(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.float64)
@@ -156,33 +202,40 @@ class StepCostModel:
         return np.interp(tokens, self._xs, self._ys)
 
 
-TAIL, COPY = 0, 1
-"""Sources of a carried guess: the Jacobi tail, or a copy-first fill's n-gram copy."""
+TAIL, COPY, FRESH = 0, 1, 2
+"""Where a guess comes from: the Jacobi tail (refined by the last step), a copy-first
+fill's n-gram copy, or the fill's top-up after the tail (made up afresh)."""
 
 
 class AcceptanceTracker:
     """Position-wise acceptance per request and guess source, with forgetting.
 
     ``c_r(i)``, the chance that guess ``i`` is accepted once guesses ``< i`` were, is
-    estimated from decayed counts of the request's own trials, shrunk towards the
-    engine-wide estimate (what a new request starts from: a CLLM's engine starts new
-    requests with long drafts, a plain model's with short ones). Requests live in
-    fixed-size slots of preallocated arrays, indexed per step in one numpy operation.
+    estimated from decayed counts of the request's own trials, separately for each
+    source, shrunk towards the engine-wide estimate (what a new request starts from: a
+    CLLM's engine starts new requests with long drafts, a plain model's with short ones).
+    Requests live in slots of preallocated arrays, indexed per step in one operation.
     """
 
     def __init__(self, k: int, capacity: int) -> None:
         self.k = k
         self._slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._hits = np.zeros((capacity, 2, k))
-        self._trials = np.zeros((capacity, 2, k))
-        # Each request's last full guess (sent or not), to score against what followed.
+        self._hits = np.zeros((capacity, 3, k))
+        self._trials = np.zeros((capacity, 3, k))
+        # Each request's last full guess (sent or not), to score against what followed:
+        # its length, and how many of its first tokens were carried (from TAIL or COPY).
         self._guess = np.zeros((capacity, k), dtype=np.int64)
         self._guess_len = np.zeros(capacity, dtype=np.int64)
+        self._guess_carried = np.zeros(capacity, dtype=np.int64)
         self._guess_source = np.zeros(capacity, dtype=np.int64)
+        self._sent = np.zeros(capacity, dtype=np.int64)  # guesses sent last step
         # Engine-wide evidence per source (decayed counts).
-        self._pop_hits = np.zeros((2, k))
-        self._pop_trials = np.zeros((2, k))
+        self._pop_hits = np.zeros((3, k))
+        self._pop_trials = np.zeros((3, k))
+        # Accepted guesses the plans promised, and those that came (decayed sums).
+        self._promised = self._delivered = 0.0
+        self._pending = 0.0
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -200,57 +253,101 @@ class AcceptanceTracker:
                     self._grow()
                 slot = self._slot_of[r] = self._free.pop()
                 self._hits[slot] = self._trials[slot] = 0.0
-                self._guess_len[slot] = 0
+                self._guess_len[slot] = self._sent[slot] = 0
             out[i] = slot
         return out
 
     def _grow(self) -> None:
         n = len(self._hits)
-        for name in ("_hits", "_trials", "_guess", "_guess_len", "_guess_source"):
+        for name in ("_hits", "_trials", "_guess", "_guess_len", "_guess_carried",
+                     "_guess_source", "_sent"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
         self._free.extend(range(2 * n - 1, n - 1, -1))
 
     def remember(self, slots: np.ndarray, guesses: np.ndarray, lengths: np.ndarray,
-                 sources: np.ndarray) -> None:
-        """Keep each row's guess (its first ``lengths[r]`` tokens, from ``sources[r]``)
-        to score against the tokens that follow it."""
+                 carried: np.ndarray, sources: np.ndarray, sent: np.ndarray) -> None:
+        """Keep each row's guess (its first ``lengths[r]`` tokens, the first
+        ``carried[r]`` of them from ``sources[r]``, the rest FRESH; ``sent[r]`` of them
+        sent) to score against the tokens that follow it."""
         self._guess[slots] = guesses
         self._guess_len[slots] = lengths
+        self._guess_carried[slots] = carried
         self._guess_source[slots] = sources
+        self._sent[slots] = sent
+
+    def promise(self, accepted: float) -> None:
+        """The plan just made expects ``accepted`` of its guesses to be accepted."""
+        self._pending = accepted
+
+    def deliver(self, accepted: int) -> None:
+        """The last plan's guesses: ``accepted`` were accepted."""
+        if self._pending > 0:
+            self._promised = self._promised * CALIBRATION_DECAY + self._pending
+            self._delivered = self._delivered * CALIBRATION_DECAY + accepted
+        self._pending = 0.0
+
+    @property
+    def calibration(self) -> float:
+        """Accepted guesses per promised one, lately (1 until there is a record).
+
+        The estimates rest on assumptions (a drafting request keeps drafting; positions
+        are independent of how the batch changes) that a busy engine breaks one way more
+        than the other: the plan scales its promises by how they turned out."""
+        return min((self._delivered + 1.0) / (self._promised + 1.0), 1.0)
 
     def last_guesses(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._guess[slots], self._guess_len[slots]
 
+    def drafting(self, slots: np.ndarray) -> np.ndarray:
+        """Which rows sent guesses in the last step."""
+        return self._sent[slots] > 0
+
+    def _classes(self, carried: np.ndarray, sources: np.ndarray) -> np.ndarray:
+        """The source of each guess position of each row (rows x k)."""
+        positions = np.arange(self.k)[None, :]
+        return np.where(positions < carried[:, None], sources[:, None], FRESH)
+
     def observe(self, slots: np.ndarray, tried: np.ndarray, matched: np.ndarray) -> None:
-        """Record one step: ``tried[r]`` guess positions were checked, the first
-        ``matched[r]`` of them held (``matched <= tried``). Every row's old evidence
+        """Record one step: ``tried[r]`` positions of the last guess were checked, the
+        first ``matched[r]`` of them held (``matched <= tried``). Every row's old evidence
         fades, so a request with none (it drafts nothing and has no copy to check)
         drifts back to the engine-wide estimate and is tried again if that is good."""
         positions = np.arange(self.k)[None, :]
-        trial = (positions < tried[:, None]).astype(np.float64)
-        hit = (positions < matched[:, None]).astype(np.float64)
-        source = self._guess_source[slots]
+        trial = positions < tried[:, None]
+        hit = positions < matched[:, None]
+        cls = self._classes(self._guess_carried[slots], self._guess_source[slots])
         self._hits[slots] *= REQUEST_DECAY
         self._trials[slots] *= REQUEST_DECAY
-        self._hits[slots, source] += hit
-        self._trials[slots, source] += trial
         fade = POPULATION_DECAY ** np.count_nonzero(tried)
         self._pop_hits *= fade
         self._pop_trials *= fade
-        for src in (TAIL, COPY):
-            mine = source == src
-            self._pop_hits[src] += hit[mine].sum(axis=0)
-            self._pop_trials[src] += trial[mine].sum(axis=0)
+        rows = np.arange(len(slots))[:, None]
+        # Each (row, position) falls in one class: scatter the 0/1 outcomes there.
+        h = np.zeros((len(slots), 3, self.k))
+        t = np.zeros((len(slots), 3, self.k))
+        h[rows, cls, positions] = hit
+        t[rows, cls, positions] = trial
+        self._hits[slots] += h
+        self._trials[slots] += t
+        self._pop_hits += h.sum(axis=0)
+        self._pop_trials += t.sum(axis=0)
 
-    def survival(self, slots: np.ndarray, sources: np.ndarray | None = None) -> np.ndarray:
-        """``s_r(i)`` for each row: the chance that its guesses ``0..i`` are all accepted,
-        for a guess from ``sources[r]`` (default: the tail)."""
-        src = np.zeros(len(slots), dtype=np.int64) if sources is None else sources
-        prior = ((self._pop_hits + OPTIMISM) / (self._pop_trials + 1.0))[src]
-        cond = (self._hits[slots, src] + PRIOR_WEIGHT * prior) / (
-            self._trials[slots, src] + PRIOR_WEIGHT
-        )
+    def survival(self, slots: np.ndarray, carried: np.ndarray | None = None,
+                 sources: np.ndarray | None = None) -> np.ndarray:
+        """``s_r(i)`` for each row: the chance that its next guesses ``0..i`` are all
+        accepted, the first ``carried[r]`` of them from ``sources[r]`` and the rest FRESH
+        (default: a guess carried whole from the tail)."""
+        n = len(slots)
+        carried = np.full(n, self.k) if carried is None else carried
+        sources = np.full(n, TAIL) if sources is None else sources
+        cls = self._classes(carried, sources)
+        positions = np.arange(self.k)[None, :]
+        prior = ((self._pop_hits + OPTIMISM) / (self._pop_trials + 1.0))[cls, positions]
+        rows = np.arange(n)[:, None]
+        hits = self._hits[slots][rows, cls, positions]
+        trials = self._trials[slots][rows, cls, positions]
+        cond = (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
         return np.cumprod(cond, axis=1)
 
 

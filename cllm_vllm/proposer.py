@@ -17,6 +17,7 @@ measured cost of engine steps; a request that leaves the batch is forgotten.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,8 @@ from cllm_vllm.adaptive import (
     plan_draft_lengths,
     verified_prefix,
 )
+
+SPIKE = StepCostModel.SPIKE
 from cllm_vllm.config import JacobiOptions
 from cllm_vllm.fill import fill_guesses, warm_up
 
@@ -56,24 +59,27 @@ class JacobiProposer:
         self._carried = np.zeros(max_reqs, dtype=np.int64)
         self._copied = np.zeros(max_reqs, dtype=np.bool_)
         self.tracker = AcceptanceTracker(self.k, max_reqs) if self.options.adaptive else None
-        # Seconds per engine step against tokens run: steps with drafts, steps without.
-        self.draft_step_cost = StepCostModel()
-        self.plain_step_cost = StepCostModel()
+        # Seconds of an engine step without guesses, by the tokens it runs; and what the
+        # guesses of a step add to it, by their number (see cllm_vllm.adaptive).
+        self.plain_cost = StepCostModel()
+        self.extra_cost = StepCostModel(through_zero=True)
         self._step_start: float | None = None
-        self._step_tokens = 0
-        self._step_drafts = False
+        self._step_tokens = self._step_guesses = 0
+        # The first step of each kind pays one-time costs (first calls): not recorded.
+        self._first = {"plain": True, "extra": True}
         # Filled by observe_verification() for the step being sampled, consumed by propose().
         self._argmax: torch.Tensor | None = None
         self._num_draft: np.ndarray | None = None
         self._num_prompt_tokens: np.ndarray | None = None
         self._req_ids: Sequence[str] = ()
+        self._rest = self._rested = False
         warm_up()  # compile the fill kernels now, not inside the first timed step
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model: the target verifies its own guesses (vLLM's CPU runner calls this)."""
 
-    def step_started(self, num_tokens: int, has_drafts: bool, continuing: bool) -> None:
-        """An engine step that runs ``num_tokens`` tokens (some of them drafts, or not)
+    def step_started(self, num_tokens: int, num_guesses: int, continuing: bool) -> None:
+        """An engine step that runs ``num_tokens`` tokens, ``num_guesses`` of them guesses,
         starts now.
 
         The time from one step's start to the next is that step's full cost (forward pass,
@@ -82,10 +88,25 @@ class JacobiProposer:
         """
         now = time.perf_counter()
         if self._step_start is not None and continuing:
-            curve = self.draft_step_cost if self._step_drafts else self.plain_step_cost
-            curve.observe(self._step_tokens, now - self._step_start)
+            seconds = now - self._step_start
+            base = self._step_tokens - self._step_guesses
+            kind = "extra" if self._step_guesses else "plain"
+            plain_cost, extra_cost = self.plain_cost, self.extra_cost
+            if self._first[kind]:
+                self._first[kind] = False
+            elif kind == "plain":
+                # A stalled step counts at most SPIKE times the prediction, even at a new size.
+                limit = SPIKE * plain_cost.predict_one(base) if plain_cost.num_observed_bins \
+                    else math.inf
+                plain_cost.observe(base, seconds, limit)
+            elif plain_cost.knows(base):
+                plain = plain_cost.predict_one(base)
+                m = self._step_guesses
+                extra = extra_cost.predict_one(m) if extra_cost.num_observed_bins else 0.0
+                extra_cost.observe(m, max(seconds - plain, 0.0),
+                                   limit=SPIKE * (plain + extra) - plain)
         self._step_start = now if num_tokens else None
-        self._step_tokens, self._step_drafts = num_tokens, has_drafts
+        self._step_tokens, self._step_guesses = num_tokens, num_guesses
 
     def observe_verification(
         self,
@@ -122,6 +143,13 @@ class JacobiProposer:
         rows = len(sampled_token_ids)
         if rows == 0:
             return []
+        if self._rest:
+            # The last plan sent no guess at all (a busy engine): rest one step, so that
+            # the policy costs half as much while it keeps deciding against drafting.
+            # Nothing is lost but one step of evidence (the next plan scores nothing).
+            self._rest, self._rested = False, True
+            self._argmax = self._num_draft = None
+            return [[] for _ in range(rows)]
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
             self._tails = np.zeros((rows, self.k), dtype=np.int64)
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
@@ -146,6 +174,7 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
+            self._rest = not lengths.any()
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
 
@@ -184,29 +213,34 @@ class JacobiProposer:
         exact = token_ids_cpu[np.arange(rows)[:, None], np.minimum(first[:, None] + j,
                                                                    token_ids_cpu.shape[1] - 1)]
         last_guess, last_len = tracker.last_guesses(slots)
+        if self._rested:  # the remembered guesses are a step older than the tokens read
+            last_len, self._rested = np.zeros_like(last_len), False
         tried, matched = verified_prefix(last_guess, last_len, exact, num_new)
         tracker.observe(slots, tried, matched)
+        sent = tracker.drafting(slots)
+        tracker.deliver(int(np.maximum(num_new[sent] - 1, 0).sum()))
         sources = np.where(self._copied[:rows], COPY, TAIL)
-        # Until both kinds of step have been timed, price one like the other: an unknown
-        # draft step then looks as cheap as a plain one, so it gets tried and measured.
-        drafting, plain = self.draft_step_cost, self.plain_step_cost
-        if not drafting.num_observed_bins:
-            drafting = plain
-        if not plain.num_observed_bins:
-            plain = drafting
-        # A step without drafts never costs more than one with drafts and as many tokens
-        # (plain steps may be rare, e.g. only prefills, while every decode step drafts).
-        base = np.array([rows])
-        plain_seconds = float(min(plain.predict(base)[0], drafting.predict(base)[0]))
-        lengths = plan_draft_lengths(
-            tracker.survival(slots, sources),
-            max_len,
-            drafting.predict,
-            base_tokens=rows,
-            base_gain=float(np.count_nonzero(num_new)),
-            plain_step_cost=plain_seconds,
-        )
-        # Learn from carried guesses only (see cllm_vllm.adaptive), sent or not.
-        carried = np.where(max_len > 0, self._carried[:rows], 0)
-        tracker.remember(slots, guesses, carried, sources)
+        if not self.plain_cost.knows(rows):
+            # What a step without guesses costs at this batch size is not known (lately):
+            # run one and measure it, so that what guesses add can be told apart.
+            lengths = np.zeros(rows, dtype=np.int64)
+        else:
+            # A request that keeps drafting is judged at its steady state (all carried);
+            # one that would start, by its actual guess (see cllm_vllm.adaptive).
+            carried = np.where(tracker.drafting(slots), self.k, self._carried[:rows])
+            known = self.extra_cost.num_observed_bins > 0
+            survival = tracker.survival(slots, carried, sources) * tracker.calibration
+            lengths = plan_draft_lengths(
+                survival,
+                # Nothing measured (lately) of what guesses cost: they look free, so they
+                # get tried and timed, one per request at most (a bounded probe).
+                max_len if known else np.minimum(max_len, 1),
+                plain_seconds=self.plain_cost.predict_one(rows),
+                extra_seconds=self.extra_cost.predict if known else np.zeros_like,
+                base_gain=float(np.count_nonzero(num_new)),
+            )
+            positions = np.arange(self.k)[None, :]
+            tracker.promise(float(survival[positions < lengths[:, None]].sum()))
+        # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
+        tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths

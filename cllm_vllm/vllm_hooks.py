@@ -9,6 +9,9 @@ proposer) get us most of the way; three seams are not documented and are wrapped
 2. ``GPUModelRunner._sample`` (the V1 runner, which vLLM's CPU runner subclasses): the
    Jacobi drafter needs the target's argmax at rejected positions too, which the
    ``custom_class`` API never shows; we hand the logits to the proposer before vLLM samples.
+   A step in which no request carries a guess is sampled by the plain sampler instead of
+   the rejection sampler (vLLM 0.32 takes its speculative path whenever a drafter is
+   configured; ``_bookkeeping_sync`` reads one-token rows the same either way).
 3. ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--jacobi`` flags.
 3b. ``GPUModelRunner.execute_model``: the adaptive policy times whole engine steps against
    ``SchedulerOutput.total_num_scheduled_tokens``; and ``num_speculative_tokens_per_batch_size``
@@ -178,6 +181,15 @@ def install_runner_hook() -> None:
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
             drafter = getattr(self, "drafter", None)
+            if (
+                isinstance(drafter, JacobiProposer)
+                and spec_decode_metadata is not None
+                and not any(spec_decode_metadata.num_draft_tokens)
+            ):
+                # No request carries a guess (adaptive drafting often sends none): vLLM
+                # 0.32 would still run its rejection sampler; its plain sampler, AR's,
+                # gives the same tokens for less (one row per request either way).
+                spec_decode_metadata = None
             if isinstance(drafter, JacobiProposer) and logits is not None:
                 drafter.observe_verification(
                     logits,
@@ -186,7 +198,7 @@ def install_runner_hook() -> None:
                     self.input_batch.num_prompt_tokens,
                     self.input_batch.req_ids,
                 )
-            if not on_cpu:
+            if not on_cpu or not self.input_batch.generators:
                 return original(self, logits, spec_decode_metadata)
             saved = {i: g.get_state() for i, g in _discarded_generators(self).items()}
             out = original(self, logits, spec_decode_metadata)
@@ -199,7 +211,7 @@ def install_runner_hook() -> None:
     def make_bookkeeping(original):
         def _bookkeeping_sync(self, *args, **kwargs):
             held = {}
-            if on_cpu:
+            if on_cpu and self.input_batch.generators:
                 gens = self.input_batch.generators
                 held = {i: gens.pop(i) for i in _discarded_generators(self)}
             try:
@@ -215,7 +227,9 @@ def install_runner_hook() -> None:
             if isinstance(drafter, JacobiProposer):
                 drafter.step_started(
                     scheduler_output.total_num_scheduled_tokens,
-                    has_drafts=bool(scheduler_output.scheduled_spec_decode_tokens),
+                    num_guesses=sum(
+                        map(len, scheduler_output.scheduled_spec_decode_tokens.values())
+                    ),
                     continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
                 )
             return original(self, scheduler_output, *args, **kwargs)

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from cllm_vllm.adaptive import (
+    COPY,
+    FRESH,
     MIN_GAIN,
+    OPTIMISM,
+    TAIL,
     AcceptanceTracker,
     StepCostModel,
     plan_draft_lengths,
@@ -20,6 +24,14 @@ def linear_cost(fixed: float, per_token: float):
     return lambda n: fixed + per_token * np.asarray(n, dtype=np.float64)
 
 
+def plan(survival, max_len, cost, base_tokens, base_gain, **kw):
+    """plan_draft_lengths for a step cost ``cost(tokens)``: the plain step runs
+    ``base_tokens``, guesses add the rest."""
+    plain = float(cost(base_tokens))
+    return plan_draft_lengths(survival, max_len, plain,
+                              lambda m: cost(base_tokens + m) - plain, base_gain, **kw)
+
+
 def survival_of(rates: list[float]) -> np.ndarray:
     """Rows whose guesses are each accepted with the given conditional rate."""
     return np.array([np.full(K, r) for r in rates]).cumprod(axis=1)
@@ -28,23 +40,37 @@ def survival_of(rates: list[float]) -> np.ndarray:
 def test_cheap_steps_draft_long_blocks_expensive_steps_none():
     s = survival_of([0.8] * 4)
     full = np.full(4, K)
-    cheap = plan_draft_lengths(s, full, linear_cost(1.0, 1e-4), base_tokens=4, base_gain=4)
+    cheap = plan(s, full, linear_cost(1.0, 1e-4), base_tokens=4, base_gain=4)
     # Worth it while 0.8^i >= MIN_GAIN and the token costs next to nothing.
     assert (cheap == int(np.log(MIN_GAIN) / np.log(0.8))).all(), cheap
     # A step that costs per token only (a saturated device): a guess accepted 90% of the
     # time cannot beat the sure token it rides beside.
-    saturated = plan_draft_lengths(s, full, linear_cost(0.0, 1.0), base_tokens=4, base_gain=4)
+    saturated = plan(s, full, linear_cost(0.0, 1.0), base_tokens=4, base_gain=4)
     assert (saturated == 0).all()
     # In between: some drafting, shorter than when cheap.
-    middle = plan_draft_lengths(s, full, linear_cost(1.0, 0.05), base_tokens=4, base_gain=4)
+    middle = plan(s, full, linear_cost(1.0, 0.05), base_tokens=4, base_gain=4)
     assert 0 < middle.sum() < cheap.sum()
 
 
 def test_poor_acceptance_drafts_nothing_good_acceptance_keeps_drafting():
     s = survival_of([0.02, 0.95, 0.5])
-    got = plan_draft_lengths(s, np.full(3, K), linear_cost(1.0, 1e-3), 3, 3)
+    got = plan(s, np.full(3, K), linear_cost(1.0, 1e-3), 3, 3)
     assert got[0] == 0
     assert got[1] > got[2] > 0
+
+
+def test_a_fixed_cost_of_verifying_is_paid_only_once_worth_it():
+    """Guesses switch on a verification pass that costs the same for one guess or many:
+    one doubtful guess is not worth it, a few good ones are."""
+    plain = 1.0
+
+    def extra(m):
+        return 0.5 + 0.001 * np.asarray(m)
+
+    s = survival_of([0.3])
+    assert plan_draft_lengths(s, np.full(1, K), plain, extra, 1)[0] == 0
+    s = survival_of([0.9])
+    assert plan_draft_lengths(s, np.full(1, K), plain, extra, 1)[0] > 4
 
 
 def test_more_load_means_shorter_blocks():
@@ -53,15 +79,14 @@ def test_more_load_means_shorter_blocks():
     per_request = []
     for batch in (1, 8, 64):
         s = survival_of([0.8] * batch)
-        plan = plan_draft_lengths(s, np.full(batch, K), cost, batch, batch)
-        per_request.append(plan.mean())
+        per_request.append(plan(s, np.full(batch, K), cost, batch, batch).mean())
     assert per_request[0] > per_request[1] > per_request[2] > 0
 
 
 def test_plan_respects_max_len_and_is_the_best_total():
     s = survival_of([0.99, 0.99])
     cost = linear_cost(1.0, 0.02)
-    got = plan_draft_lengths(s, np.array([3, 0]), cost, 2, 2)
+    got = plan(s, np.array([3, 0]), cost, 2, 2)
     assert got.tolist() == [3, 0]
     # Brute force over all lengths for a small case: the plan is optimal.
     s = survival_of([0.9, 0.6, 0.3])[:, :4]
@@ -69,7 +94,7 @@ def test_plan_respects_max_len_and_is_the_best_total():
         ((3 + sum(s[r, :d].sum() for r, d in enumerate(ds))) / cost(3 + sum(ds)), ds)
         for ds in np.ndindex(5, 5, 5)
     )
-    got = plan_draft_lengths(s, np.full(3, 4), cost, 3, 3, min_gain=0.0)
+    got = plan(s, np.full(3, 4), cost, 3, 3, min_gain=0.0, min_speedup=1.0)
     value = (3 + sum(s[r, :d].sum() for r, d in enumerate(got))) / cost(3 + got.sum())
     assert value == pytest.approx(best[0])
 
@@ -94,11 +119,16 @@ def test_step_cost_model_forgets_a_stall_it_never_revisits():
     model = StepCostModel()
     for _ in range(20):
         model.observe(8, 0.010)
-    model.observe(16, 0.500)  # a stall, counted at most SPIKE x the prediction
-    assert model.predict(np.array([16]))[0] <= StepCostModel.SPIKE * 0.010 + 1e-9
-    for _ in range(300):
+        model.observe(16, 0.010)
+    model.observe(16, 0.500)  # a stall where the cost is known: counted at most SPIKE x
+    assert model.predict(np.array([16]))[0] <= StepCostModel.SPIKE * 0.010
+    model.observe(64, 0.500)  # a stall at a size never seen before: not believed yet
+    assert model.predict(np.array([64]))[0] == pytest.approx(0.010, rel=0.1)
+    model.observe(64, 0.500)  # seen twice: it is dear
+    assert model.predict(np.array([64]))[0] == pytest.approx(0.5)
+    for _ in range(500):  # not visited again: forgotten
         model.observe(8, 0.010)
-    assert model.predict(np.array([16]))[0] == pytest.approx(0.010)
+    assert model.predict(np.array([16, 64])) == pytest.approx([0.010, 0.010], rel=0.1)
 
 
 def test_step_cost_model_follows_a_change_of_load():
@@ -110,9 +140,17 @@ def test_step_cost_model_follows_a_change_of_load():
     assert model.predict(np.array([64]))[0] == pytest.approx(0.030, rel=0.05)
 
 
+def tails(tracker, slots):
+    """Say that the rows' last guesses were Jacobi tails, whole."""
+    n, k = len(slots), tracker.k
+    tracker.remember(slots, np.zeros((n, k), dtype=np.int64), np.full(n, k), np.full(n, k),
+                     np.full(n, TAIL), np.full(n, k))
+
+
 def test_tracker_separates_requests_and_starts_new_ones_from_the_engine_average():
     tracker = AcceptanceTracker(k=4, capacity=2)
     slots = tracker.slots(["good", "bad"])
+    tails(tracker, slots)
     for _ in range(30):
         tracker.observe(slots, tried=np.array([4, 1]), matched=np.array([4, 0]))
     good, bad = tracker.survival(slots)
@@ -127,6 +165,7 @@ def test_tracker_separates_requests_and_starts_new_ones_from_the_engine_average(
 def test_a_request_without_evidence_returns_to_the_engine_estimate():
     tracker = AcceptanceTracker(k=2, capacity=4)
     slots = tracker.slots(["a", "b"])
+    tails(tracker, slots)
     for _ in range(30):  # "a" fails, "b" (the rest of the engine) succeeds
         tracker.observe(slots, tried=np.array([1, 2]), matched=np.array([0, 2]))
     assert tracker.survival(slots)[0, 0] < MIN_GAIN
@@ -136,6 +175,26 @@ def test_a_request_without_evidence_returns_to_the_engine_estimate():
     engine_rate = tracker.survival(tracker.slots(["a", "b", "new"]))[2, 0]
     assert tracker.survival(slots)[0, 0] == pytest.approx(engine_rate, abs=0.02)
     assert engine_rate > 0.3
+
+
+def test_sources_are_judged_apart_position_by_position():
+    """Tails that hold and fresh top-ups that fail: a guess with a long tail is worth
+    drafting, the same guess made up afresh is not."""
+    tracker = AcceptanceTracker(k=8, capacity=2)
+    slots = tracker.slots(["r"])
+    for _ in range(40):
+        # Guesses of 4 tail tokens then 4 fresh ones: the tail holds, the first fresh fails.
+        tracker.remember(slots, np.zeros((1, 8), dtype=np.int64), np.array([8]),
+                         np.array([4]), np.array([TAIL]), np.array([8]))
+        tracker.observe(slots, tried=np.array([5]), matched=np.array([4]))
+    same = tracker.survival(slots, np.array([4]), np.array([TAIL]))[0]
+    assert same[3] > 0.8 and same[4] < MIN_GAIN
+    longer_tail = tracker.survival(slots, np.array([5]), np.array([TAIL]))[0]
+    # A tail there: no record of failing, the prior's chance times the held tail's.
+    assert longer_tail[4] == pytest.approx(OPTIMISM * longer_tail[3])
+    copy = tracker.survival(slots, np.array([8]), np.array([COPY]))[0]
+    assert copy[0] == pytest.approx(OPTIMISM)  # no copy evidence: the prior
+    assert FRESH not in (TAIL, COPY)
 
 
 def test_tracker_grows_past_its_capacity():

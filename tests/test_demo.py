@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import free_port
 
-from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER
+from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER, JACOBI_ADAPTIVE, JACOBI_FIXED
 
 pytestmark = pytest.mark.engine
 
@@ -38,14 +38,17 @@ def test_demo_prints_the_table_and_outputs_match_ar(tmp_path):
     assert "| domain | model | decoding | tokens/step |" in proc.stdout
     rows = json.loads((out / "demo.json").read_text())
     assert {(r["model"], r["decoding"], r["domain"]) for r in rows} == {
-        (m, d, dom) for m in ("teacher", "CLLM") for d in ("AR", "Jacobi")
+        (m, d, dom) for m in ("teacher", "CLLM") for d in ("AR", JACOBI_FIXED, JACOBI_ADAPTIVE)
         for dom in ("arithmetic", "sharegpt")}
-    jacobi = [r for r in rows if r["decoding"] == "Jacobi"]
+    jacobi = [r for r in rows if r["decoding"] != "AR"]
     assert all(r["matches_ar"] for r in jacobi)
-    assert all(r["tokens_per_step"] >= 1.0 for r in jacobi)
-    cllm = {r["domain"]: r for r in jacobi if r["model"] == "CLLM"}
-    teacher = {r["domain"]: r for r in jacobi if r["model"] == "teacher"}
-    assert cllm["arithmetic"]["tokens_per_step"] > teacher["arithmetic"]["tokens_per_step"]
+    fixed = [r for r in jacobi if r["decoding"] == JACOBI_FIXED]
+    cllm = {r["domain"]: r for r in fixed if r["model"] == "CLLM"}
+    teacher = {r["domain"]: r for r in fixed if r["model"] == "teacher"}
+    # The bundled CLLM's consistency training shows: well above its teacher, which stays
+    # near one token per step (the README's table: 3.15 against 1.22 on 32 prompts).
+    assert cllm["arithmetic"]["tokens_per_step"] > 2.0, cllm
+    assert cllm["arithmetic"]["tokens_per_step"] > teacher["arithmetic"]["tokens_per_step"] + 0.5
 
 
 def test_demo_serve_answers_chat_with_jacobi(tmp_path):

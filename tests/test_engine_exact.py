@@ -133,8 +133,9 @@ def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models):
     from cllm_vllm.stats import request_acceptance
 
     repeating, noisy = (request_acceptance(o) for o in outs)
-    assert repeating.tokens_per_step > 3, repeating
-    assert repeating.drafted > 100, repeating
+    # Once its continuation loops, it drafts and its guesses land: half of its 160 tokens
+    # come from accepted guesses.
+    assert repeating.accepted >= 60 and repeating.accepted > 0.7 * repeating.drafted, repeating
     # A few tries while its evidence builds up, then (almost) nothing in 160 steps.
     assert noisy.accepted <= 3 and noisy.drafted <= 3 * 8, noisy
 

@@ -65,7 +65,8 @@ def test_consistency_training_raises_tokens_per_step(trained):
 
     tps = {}
     for name, path in (("teacher", BUNDLED_TEACHER), ("trained", trained)):
-        with engine(path) as ar, engine(path, 16) as jac:
+        # A fixed block: tokens per step are then the model's, not the adaptive policy's.
+        with engine(path) as ar, engine(path, 16, jacobi_options={"adaptive": False}) as jac:
             reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
             ar_out = ar.generate(reqs, params, use_tqdm=False)
             jac_out = jac.generate(reqs, params, use_tqdm=False)

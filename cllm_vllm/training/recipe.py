@@ -235,7 +235,7 @@ def stage_eval(out: Path, data: Path, models: dict[str, Path], r: TinyRecipe) ->
 def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table: str) -> None:
     from safetensors.torch import load_file
 
-    from ..demo import DEMO_FILL
+    from ..demo import DEMO_FILL, JACOBI_FIXED
 
     params = sum(t.numel() for t in load_file(str(path / "model.safetensors")).values())
     log = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
@@ -286,7 +286,7 @@ def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table:
         f"ShareGPT {ppl['sharegpt']}.",
     ]
     for x in mine:
-        if x["decoding"] == "Jacobi":
+        if x["decoding"] == JACOBI_FIXED:
             lines.append(f"- Jacobi (k={r.block_size}, fill `{DEMO_FILL}`), {x['domain']}: "
                          f"{x['tokens_per_step']:.2f} tokens per step, identical to AR: "
                          f"{x['matches_ar']}.")
