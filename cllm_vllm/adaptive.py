@@ -281,10 +281,11 @@ class AcceptanceTracker:
         self._pending = accepted
 
     def deliver(self, accepted: int) -> None:
-        """The last plan's guesses: ``accepted`` were accepted."""
-        if self._pending > 0:
-            self._promised = self._promised * CALIBRATION_DECAY + self._pending
-            self._delivered = self._delivered * CALIBRATION_DECAY + accepted
+        """The last plan's guesses: ``accepted`` were accepted. The record fades every
+        step, so a plan that stopped drafting for poor promises trusts them again later."""
+        self._promised = self._promised * CALIBRATION_DECAY + self._pending
+        self._delivered = self._delivered * CALIBRATION_DECAY + (
+            accepted if self._pending > 0 else 0.0)
         self._pending = 0.0
 
     @property

@@ -72,6 +72,7 @@ class JacobiProposer:
         self._num_draft: np.ndarray | None = None
         self._num_prompt_tokens: np.ndarray | None = None
         self._req_ids: Sequence[str] = ()
+        self._seeded_rows: Sequence[int] = ()
         self._rest = self._rested = False
         warm_up()  # compile the fill kernels now, not inside the first timed step
 
@@ -99,7 +100,11 @@ class JacobiProposer:
                 limit = SPIKE * plain_cost.predict_one(base) if plain_cost.num_observed_bins \
                     else math.inf
                 plain_cost.observe(base, seconds, limit)
-            elif plain_cost.knows(base):
+            elif not plain_cost.knows(base):
+                # Only steps with guesses run at this size (seeded requests always draft):
+                # the step is an upper bound of a plain one, the guesses' cost unknown.
+                plain_cost.observe(base, seconds)
+            else:
                 plain = plain_cost.predict_one(base)
                 m = self._step_guesses
                 extra = extra_cost.predict_one(m) if extra_cost.num_observed_bins else 0.0
@@ -114,6 +119,7 @@ class JacobiProposer:
         num_draft_tokens: list[int] | None,
         num_prompt_tokens: np.ndarray,
         req_ids: Sequence[str] = (),
+        seeded_rows: Sequence[int] = (),
     ) -> None:
         """Record the target's greedy token at every row vLLM is about to sample.
 
@@ -122,6 +128,7 @@ class JacobiProposer:
         """
         self._num_prompt_tokens = num_prompt_tokens
         self._req_ids = req_ids
+        self._seeded_rows = seeded_rows
         if num_draft_tokens is None or not any(num_draft_tokens):
             # No guess was verified this step (vLLM 0.32 takes its speculative path even
             # so): nothing to split into exact tokens and tail.
@@ -143,7 +150,7 @@ class JacobiProposer:
         rows = len(sampled_token_ids)
         if rows == 0:
             return []
-        if self._rest:
+        if self._rest and not self._seeded_rows:
             # The last plan sent no guess at all (a busy engine): rest one step, so that
             # the policy costs half as much while it keeps deciding against drafting.
             # Nothing is lost but one step of evidence (the next plan scores nothing).
@@ -174,6 +181,12 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
+            if self._seeded_rows:
+                # A seeded request's random stream follows its drafts: they must not depend
+                # on the batch or the clock, so it drafts the full block.
+                seeded = np.asarray(self._seeded_rows, dtype=np.int64)
+                seeded = seeded[seeded < rows]
+                lengths[seeded] = max_len[seeded]
             self._rest = not lengths.any()
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
@@ -220,9 +233,10 @@ class JacobiProposer:
         sent = tracker.drafting(slots)
         tracker.deliver(int(np.maximum(num_new[sent] - 1, 0).sum()))
         sources = np.where(self._copied[:rows], COPY, TAIL)
-        if not self.plain_cost.knows(rows):
+        if not self.plain_cost.knows(rows) and not self._seeded_rows:
             # What a step without guesses costs at this batch size is not known (lately):
-            # run one and measure it, so that what guesses add can be told apart.
+            # run one and measure it, so that what guesses add can be told apart. (Seeded
+            # requests always draft; then the nearest size measured has to do.)
             lengths = np.zeros(rows, dtype=np.int64)
         else:
             # A request that keeps drafting is judged at its steady state (all carried);

@@ -181,14 +181,17 @@ def install_runner_hook() -> None:
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
             drafter = getattr(self, "drafter", None)
+            generators = self.input_batch.generators
             if (
                 isinstance(drafter, JacobiProposer)
                 and spec_decode_metadata is not None
+                and not generators
                 and not any(spec_decode_metadata.num_draft_tokens)
             ):
                 # No request carries a guess (adaptive drafting often sends none): vLLM
                 # 0.32 would still run its rejection sampler; its plain sampler, AR's,
-                # gives the same tokens for less (one row per request either way).
+                # gives the same tokens for less (one row per request either way). Not
+                # with seeded requests: their random streams must not depend on the batch.
                 spec_decode_metadata = None
             if isinstance(drafter, JacobiProposer) and logits is not None:
                 drafter.observe_verification(
@@ -197,6 +200,7 @@ def install_runner_hook() -> None:
                     else spec_decode_metadata.num_draft_tokens,
                     self.input_batch.num_prompt_tokens,
                     self.input_batch.req_ids,
+                    seeded_rows=list(generators),
                 )
             if not on_cpu or not self.input_batch.generators:
                 return original(self, logits, spec_decode_metadata)
