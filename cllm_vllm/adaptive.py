@@ -64,18 +64,20 @@ POPULATION_DECAY = 0.995
 that brings new evidence (about the last 200): it does not fade while nothing is learnt,
 so a loaded engine whose requests all rest keeps what it knew of them."""
 
+CALIBRATION_BUCKETS = 12
 CALIBRATION_DECAY = 0.95
 """Forgetting per planned step of the record of promised against accepted guesses."""
 
 PRIOR_WEIGHT = 1.0
 """How many of its own observations a request needs to outweigh the engine-wide estimate."""
 
-OPTIMISM = 0.5
+OPTIMISM = 0.9
 """The conditional acceptance assumed where the engine has no recent evidence (one
-pseudo-trial that never fades): no opinion. Measured on the bundled CLLM, a more
-optimistic prior (0.9) made a loaded engine keep trying guesses that were accepted half
-as often as believed, at a loss; unexplored positions are still drafted where a step's
-extra tokens are cheap, which is where exploring them pays."""
+pseudo-trial that never fades). Optimism keeps estimates correctable: a position believed
+too good is drafted and corrected at once, one believed too poor would never be drafted
+again; and deep positions tend to hold once the ones before them do (a right Jacobi prefix
+makes the next prediction right). Where that costs more than it returns (a busy engine),
+the calibration below scales the promises down."""
 
 
 def plan_draft_lengths(
@@ -233,9 +235,12 @@ class AcceptanceTracker:
         # Engine-wide evidence per source (decayed counts).
         self._pop_hits = np.zeros((3, k))
         self._pop_trials = np.zeros((3, k))
-        # Accepted guesses the plans promised, and those that came (decayed sums).
-        self._promised = self._delivered = 0.0
-        self._pending = 0.0
+        # Accepted guesses the plans promised, and those that came (decayed sums), by the
+        # number of requests in the step (log2 buckets): how far promises hold depends on
+        # the load (a busy engine's requests start and stop drafting more often).
+        self._promised = np.zeros(CALIBRATION_BUCKETS)
+        self._delivered = np.zeros(CALIBRATION_BUCKETS)
+        self._pending, self._pending_bucket = 0.0, 0
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -276,26 +281,33 @@ class AcceptanceTracker:
         self._guess_source[slots] = sources
         self._sent[slots] = sent
 
-    def promise(self, accepted: float) -> None:
-        """The plan just made expects ``accepted`` of its guesses to be accepted."""
-        self._pending = accepted
+    @staticmethod
+    def _bucket(rows: int) -> int:
+        return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
+
+    def promise(self, accepted: float, rows: int) -> None:
+        """The plan just made for ``rows`` requests expects ``accepted`` of its guesses to
+        be accepted."""
+        self._pending, self._pending_bucket = accepted, self._bucket(rows)
 
     def deliver(self, accepted: int) -> None:
         """The last plan's guesses: ``accepted`` were accepted. The record fades every
         step, so a plan that stopped drafting for poor promises trusts them again later."""
-        self._promised = self._promised * CALIBRATION_DECAY + self._pending
-        self._delivered = self._delivered * CALIBRATION_DECAY + (
+        b = self._pending_bucket
+        self._promised[b] = self._promised[b] * CALIBRATION_DECAY + self._pending
+        self._delivered[b] = self._delivered[b] * CALIBRATION_DECAY + (
             accepted if self._pending > 0 else 0.0)
         self._pending = 0.0
 
-    @property
-    def calibration(self) -> float:
-        """Accepted guesses per promised one, lately (1 until there is a record).
+    def calibration(self, rows: int) -> float:
+        """Accepted guesses per promised one, lately, at this many requests (1 without a
+        record).
 
         The estimates rest on assumptions (a drafting request keeps drafting; positions
         are independent of how the batch changes) that a busy engine breaks one way more
         than the other: the plan scales its promises by how they turned out."""
-        return min((self._delivered + 1.0) / (self._promised + 1.0), 1.0)
+        b = self._bucket(rows)
+        return min((self._delivered[b] + 1.0) / (self._promised[b] + 1.0), 1.0)
 
     def last_guesses(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._guess[slots], self._guess_len[slots]

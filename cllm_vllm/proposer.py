@@ -243,7 +243,7 @@ class JacobiProposer:
             # one that would start, by its actual guess (see cllm_vllm.adaptive).
             carried = np.where(tracker.drafting(slots), self.k, self._carried[:rows])
             known = self.extra_cost.num_observed_bins > 0
-            survival = tracker.survival(slots, carried, sources) * tracker.calibration
+            survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
             lengths = plan_draft_lengths(
                 survival,
                 # Nothing measured (lately) of what guesses cost: they look free, so they
@@ -254,7 +254,7 @@ class JacobiProposer:
                 base_gain=float(np.count_nonzero(num_new)),
             )
             positions = np.arange(self.k)[None, :]
-            tracker.promise(float(survival[positions < lengths[:, None]].sum()))
+            tracker.promise(float(survival[positions < lengths[:, None]].sum()), rows)
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
         tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths
