@@ -197,6 +197,20 @@ def test_sources_are_judged_apart_position_by_position():
     assert FRESH not in (TAIL, COPY)
 
 
+def test_promises_are_scaled_by_how_they_turned_out_at_that_load():
+    tracker = AcceptanceTracker(k=4, capacity=64)
+    assert tracker.calibration(32) == 1.0
+    for _ in range(50):  # at 32 requests, plans promise 10 accepted guesses and get 3
+        tracker.promise(10.0, 32)
+        tracker.deliver(3)
+    assert tracker.calibration(32) == pytest.approx(0.3, abs=0.05)
+    assert tracker.calibration(1) == 1.0  # another load keeps its own record
+    for _ in range(200):  # plans at 32 that promise nothing: the record fades to trust
+        tracker.promise(0.0, 32)
+        tracker.deliver(0)
+    assert tracker.calibration(32) > 0.9
+
+
 def test_tracker_grows_past_its_capacity():
     tracker = AcceptanceTracker(k=2, capacity=1)
     slots = tracker.slots([f"r{i}" for i in range(5)])
