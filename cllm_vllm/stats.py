@@ -24,34 +24,36 @@ class Acceptance:
     """Draft tokens accepted over those steps."""
     drafted: int
     """Draft tokens proposed over those steps."""
-    tokens: int = 0
-    """Output tokens (0: not known)."""
+    decode_tokens: int = 0
+    """Output tokens after the first (which the prompt's own step makes); 0: not known."""
+    decode_steps: int = 0
+    """Steps that made them, those that carried no draft included."""
 
     @property
     def tokens_per_step(self) -> float:
         """Mean exact tokens gained per engine step.
 
-        Every step a request takes part in gains one token plus its accepted guesses, so
-        with the output length known that is ``tokens / (tokens - accepted)``: steps in
-        which adaptive drafting sent no guess count too. Without it, ``1 + accepted /
-        steps`` over the steps that carried a draft (1.0 without any).
+        With the per-request record (:func:`request_acceptance`): decode tokens over decode
+        steps, counting the steps in which adaptive drafting sent no guess. Without it (the
+        engine's counters): ``1 + accepted / steps`` over the steps that carried a draft.
+        The two agree for a fixed block.
         """
-        if self.tokens:
-            return self.tokens / max(self.tokens - self.accepted, 1)
+        if self.decode_steps:
+            return self.decode_tokens / self.decode_steps
         return 1.0 + self.accepted / self.steps if self.steps else 1.0
 
     @property
     def drafted_per_step(self) -> float:
-        """Mean guesses sent per engine step (needs the output length)."""
-        steps = self.tokens - self.accepted
-        return self.drafted / steps if steps > 0 else 0.0
+        """Mean guesses sent per decode step (needs the per-request record)."""
+        return self.drafted / self.decode_steps if self.decode_steps else 0.0
 
     def __add__(self, other: Acceptance) -> Acceptance:
         return Acceptance(
             self.steps + other.steps,
             self.accepted + other.accepted,
             self.drafted + other.drafted,
-            self.tokens + other.tokens,
+            self.decode_tokens + other.decode_tokens,
+            self.decode_steps + other.decode_steps,
         )
 
 
@@ -66,7 +68,12 @@ def request_acceptance(output: Any) -> Acceptance:
         )
     steps = sum(metrics.histogram)
     accepted = sum(j * c for j, c in enumerate(metrics.histogram))
-    return Acceptance(steps, accepted, metrics.num_draft_tokens, len(completion.token_ids))
+    decode_tokens = max(len(completion.token_ids) - 1, 0)
+    # Steps without a draft made one token each; the last step may have made more than
+    # the output kept (cut at a stop), so its excess says nothing about undrafted steps.
+    undrafted = max(decode_tokens - steps - accepted, 0)
+    return Acceptance(steps, accepted, metrics.num_draft_tokens, decode_tokens,
+                      steps + undrafted)
 
 
 def batch_acceptance(outputs: Iterable[Any]) -> Acceptance:
@@ -84,5 +91,4 @@ def engine_acceptance(llm: Any) -> Acceptance:
         int(values.get("vllm:spec_decode_num_drafts") or 0),
         int(values.get("vllm:spec_decode_num_accepted_tokens") or 0),
         int(values.get("vllm:spec_decode_num_draft_tokens") or 0),
-        int(values.get("vllm:generation_tokens") or 0),
     )

@@ -101,7 +101,9 @@ def test_repeating_continuations_accept_more_than_one_and_a_half_tokens(models):
     acc = batch_acceptance(outs)
     assert acc.tokens_per_step > 1.5, acc
     # The engine-wide counters (vLLM's vllm:spec_decode_* metrics) tell the same story.
-    assert engine_acc == acc
+    assert (engine_acc.steps, engine_acc.accepted, engine_acc.drafted) == \
+        (acc.steps, acc.accepted, acc.drafted)
+    assert engine_acc.tokens_per_step == pytest.approx(acc.tokens_per_step, rel=0.05)
 
 
 @pytest.mark.parametrize("k", [1, 2, 16, 31])
