@@ -104,16 +104,10 @@ def make_engine(model: Path, spec: dict | None, max_num_seqs: int):
 
 
 def run_groups(llm, prompts, max_tokens: int, c: int):
-    """Greedy outputs of ``prompts`` sent ``c`` at a time, and the wall time."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    """Greedy outputs of ``prompts`` sent ``c`` at a time, and the wall time (the demo's)."""
+    from cllm_vllm.demo import _run
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    outs, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), c):
-        group = [TokensPrompt(prompt_token_ids=p) for p in prompts[i: i + c]]
-        outs += llm.generate(group, params, use_tqdm=False)
-    return outs, time.perf_counter() - t0
+    return _run(llm, prompts, max_tokens, c)
 
 
 def step_stats(outs) -> dict:
