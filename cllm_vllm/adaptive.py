@@ -31,8 +31,10 @@ expected number of exact tokens per second of the whole step::
 
 Because ``s_r(i)`` never grows with ``i``, the best plan for a given total of draft tokens
 takes the largest ``s_r(i)`` over all requests; :func:`plan_draft_lengths` tries every
-total at once and keeps the best ratio. Everything here is plain numpy over the batch:
-no per-token Python loop.
+total at once and keeps the best ratio. The promises ``s_r`` are first scaled by how many
+of them came true lately at the same load (:meth:`AcceptanceTracker.calibration`), and a
+plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. Everything here is
+plain numpy over the batch: no per-token Python loop.
 
 Statistics are kept per request id only to choose lengths; what is proposed never depends
 on them, so preemption, recompute and batch reordering cannot change any output.

@@ -241,7 +241,7 @@ class JacobiProposer:
         else:
             # A request that keeps drafting is judged at its steady state (all carried);
             # one that would start, by its actual guess (see cllm_vllm.adaptive).
-            carried = np.where(tracker.drafting(slots), self.k, self._carried[:rows])
+            carried = np.where(sent, self.k, self._carried[:rows])
             known = self.extra_cost.num_observed_bins > 0
             survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
             lengths = plan_draft_lengths(

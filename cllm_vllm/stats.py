@@ -42,11 +42,6 @@ class Acceptance:
             return self.decode_tokens / self.decode_steps
         return 1.0 + self.accepted / self.steps if self.steps else 1.0
 
-    @property
-    def drafted_per_step(self) -> float:
-        """Mean guesses sent per decode step (needs the per-request record)."""
-        return self.drafted / self.decode_steps if self.decode_steps else 0.0
-
     def __add__(self, other: Acceptance) -> Acceptance:
         return Acceptance(
             self.steps + other.steps,
