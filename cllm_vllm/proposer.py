@@ -33,10 +33,10 @@ from cllm_vllm.adaptive import (
     plan_draft_lengths,
     verified_prefix,
 )
-
-SPIKE = StepCostModel.SPIKE
 from cllm_vllm.config import JacobiOptions
 from cllm_vllm.fill import fill_guesses, warm_up
+
+SPIKE = StepCostModel.SPIKE
 
 
 class JacobiProposer:
@@ -181,12 +181,6 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
-            if self._seeded_rows:
-                # A seeded request's random stream follows its drafts: they must not depend
-                # on the batch or the clock, so it drafts the full block.
-                seeded = np.asarray(self._seeded_rows, dtype=np.int64)
-                seeded = seeded[seeded < rows]
-                lengths[seeded] = max_len[seeded]
             self._rest = not lengths.any()
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
@@ -253,6 +247,12 @@ class JacobiProposer:
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
                 base_gain=float(np.count_nonzero(num_new)),
             )
+            if self._seeded_rows:
+                # A seeded request's random stream follows its drafts: they must not depend
+                # on the batch or the clock, so it drafts the full block.
+                seeded = np.asarray(self._seeded_rows, dtype=np.int64)
+                seeded = seeded[seeded < rows]
+                lengths[seeded] = max_len[seeded]
             positions = np.arange(self.k)[None, :]
             tracker.promise(float(survival[positions < lengths[:, None]].sum()), rows)
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
