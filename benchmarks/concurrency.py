@@ -28,7 +28,8 @@ others), for every method alike; output tokens/s includes that tail, as a client
 
 A run at concurrency ``c`` takes the first ``max(3c, 64)`` held-out prompts of its domain
 (``--prompts-per-c``, ``--min-prompts``): the same 64 for c = 1, 4 and 16, then 96 and
-192. Speeds on a shared machine drift, so the runs are interleaved: each turn goes through
+192; before it, its engine serves ``min(c, 8)`` of the last held-out prompts untimed
+(``WARMUP``). Speeds on a shared machine drift, so the runs are interleaved: each turn goes through
 every setting (model, domain, c) and runs the methods back to back, in an order rotated
 per turn; a ratio is taken against the AR run of the same turn and setting, and the
 summary gives its median and range over the turns. Each run also records the 1-minute load
@@ -74,6 +75,10 @@ K = 16
 TURNS = 5
 PER_C = 3
 MIN_PROMPTS = 64
+WARMUP = 8
+"""Before each timed run its engine serves ``min(c, WARMUP)`` other held-out prompts,
+untimed: the first steps after another engine ran pay for cold caches (up to 20% of a
+1-second run here), which would penalise whichever method goes first in a turn."""
 
 
 def num_prompts(c: int, per_c: int, minimum: int) -> int:
@@ -365,14 +370,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     specs = speculative_configs(args.methods, args.k)
     n_max = max(num_prompts(c, per_c, min_prompts) for c in conc)
-    records = {d: heldout_records(d, n_max) for d in args.domains}
+    records = {d: heldout_records(d, n_max + WARMUP) for d in args.domains}
     prompts = {}
     for name, path in models.items():
         tok = AutoTokenizer.from_pretrained(str(path))
         for d, recs in records.items():
             prompts[name, d] = [encode_prompt(tok, r["messages"]) for r in recs]
-            if len(prompts[name, d]) < n_max:
-                ap.error(f"{d}: only {len(prompts[name, d])} held-out prompts, need {n_max}")
+            if len(prompts[name, d]) < n_max + WARMUP:
+                ap.error(f"{d}: only {len(prompts[name, d])} held-out prompts, "
+                         f"need {n_max + WARMUP}")
     # All engines up front, kept alive to the end (in-process engines cannot be shut down).
     engines = {}
     for name, path in models.items():
@@ -400,7 +406,9 @@ def main(argv=None) -> int:
                     n = num_prompts(c, per_c, min_prompts)
                     ps = prompts[name, d][:n]
                     got = {}
+                    warm = prompts[name, d][-min(c, WARMUP):]
                     for m in order:
+                        run_groups(engines[name, m], warm, MAX_TOKENS[d], len(warm))
                         load = round(os.getloadavg()[0], 2)
                         outs, secs = run_groups(engines[name, m], ps, MAX_TOKENS[d], c)
                         got[m] = [list(o.outputs[0].token_ids) for o in outs]

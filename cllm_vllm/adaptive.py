@@ -116,6 +116,100 @@ def plan_draft_lengths(
     return np.bincount(owners, minlength=rows).astype(np.int64)
 
 
+def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: float,
+                  extra_seconds: Callable[[int], float], base_gain: float) -> float:
+    """Expected exact tokens per second of a step that sends ``lengths`` guesses per row."""
+    sent = np.arange(survival.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    m = int(np.count_nonzero(sent))
+    seconds = plain_seconds + (extra_seconds(m) if m else 0.0)
+    return (base_gain + float(survival[sent].sum())) / seconds
+
+
+PLAN, FULL = 0, 1
+"""What a step sends: the plan's lengths, or every request's full block."""
+
+
+class BlockChooser:
+    """Between the plan and the full block, by their measured exact tokens per second.
+
+    The plan values a guess by its chance of acceptance in the next step alone. A long
+    block also buys later steps: its unaccepted tail is refined at every step, and a
+    consistency-trained model's tail converges over several. Where the cost model says the
+    full block costs little more than the plan (light load, cheap tokens; the caller
+    judges that cautiously, since a wrong try costs a whole epoch), the full block
+    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
+    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
+    Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
+    epoch: the better arm at 4 requests says nothing about 64.
+    """
+
+    EPOCH = 16
+    MIN_STEPS = 4  # an epoch cut shorter than this (the load changed) is not recorded
+    DECAY = 0.7
+    MAX_PATIENCE = 64
+    PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
+
+    def __init__(self, buckets: int = CALIBRATION_BUCKETS) -> None:
+        self._tokens = np.zeros((buckets, 2))
+        self._seconds = np.zeros((buckets, 2))
+        self._since = np.zeros(buckets, dtype=np.int64)
+        self._patience = np.ones(buckets, dtype=np.int64)
+        self.arm = PLAN
+        self._bucket = -1
+        self._steps = 0
+        self._epoch_tokens = self._epoch_seconds = 0.0
+
+    def add(self, tokens: float = 0.0, seconds: float = 0.0) -> None:
+        """Exact tokens made, or seconds spent, by a step of the current epoch."""
+        self._epoch_tokens += tokens
+        self._epoch_seconds += seconds
+
+    def rate(self, bucket: int, arm: int) -> float | None:
+        s = self._seconds[bucket, arm]
+        return float(self._tokens[bucket, arm] / s) if s > 0 else None
+
+    def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
+        """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
+        steps, or at once when the load moves to another bucket."""
+        bucket = min(max(rows, 1).bit_length() - 1, len(self._since) - 1)
+        self._steps += 1
+        if bucket == self._bucket and self._steps <= self.EPOCH:
+            return self.arm
+        self._close()
+        self._bucket, self._steps = bucket, 1
+        self.arm = self._next_arm(bucket, full_is_plausible)
+        return self.arm
+
+    def _close(self) -> None:
+        b, a = self._bucket, self.arm
+        if b >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
+            before = self.rate(b, PLAN), self.rate(b, FULL)
+            leader = None if None in before else int(before[FULL] > before[PLAN])
+            self._tokens[b, a] = self._tokens[b, a] * self.DECAY + self._epoch_tokens
+            self._seconds[b, a] = self._seconds[b, a] * self.DECAY + self._epoch_seconds
+            if leader is not None and a != leader:  # an exploring epoch
+                if (self.rate(b, a) or 0.0) > (self.rate(b, leader) or 0.0):
+                    self._patience[b] = 1  # it leads now; the other gets re-checked soon
+                else:
+                    self._patience[b] = min(2 * self._patience[b], self.MAX_PATIENCE)
+        self._epoch_tokens = self._epoch_seconds = 0.0
+
+    def _next_arm(self, b: int, full_is_plausible: Callable[[], bool]) -> int:
+        if not full_is_plausible():
+            return PLAN
+        plan, full = self.rate(b, PLAN), self.rate(b, FULL)
+        if plan is None:
+            return PLAN
+        if full is None:
+            return FULL
+        best = int(full > plan)
+        self._since[b] += 1
+        if self._since[b] >= self._patience[b]:
+            self._since[b] = 0
+            return 1 - best
+        return best
+
+
 class StepCostModel:
     """Seconds per engine step as a function of the tokens it runs, measured online.
 
@@ -144,33 +238,66 @@ class StepCostModel:
     def __init__(self, max_tokens: int = 1 << 20, through_zero: bool = False) -> None:
         self.through_zero = through_zero
         n_bins = self._bin(max_tokens) + 1
-        self._weight = np.zeros(n_bins)
+        # A bin's weight fades by FADE per observation anywhere; it is stored as of the
+        # observation that last touched it (``_stamp``) and faded when read, so that an
+        # observation, taken at every engine step, costs a few scalar operations.
+        self._raw_weight = np.zeros(n_bins)
+        self._stamp = np.zeros(n_bins)
+        self._now = 0
         self._tokens = np.zeros(n_bins)
         self._seconds = np.zeros(n_bins)
-        self.num_observed_bins = 0
+        self._dirty = False
+        self._observed = 0
         self._xs = self._ys = np.zeros(0)
+
+    @property
+    def _weight(self) -> np.ndarray:
+        return self._raw_weight * self.FADE ** (self._now - self._stamp)
+
+    def _weight_of(self, b: int) -> float:
+        return float(self._raw_weight[b]) * self.FADE ** (self._now - float(self._stamp[b]))
+
+    @property
+    def num_observed_bins(self) -> int:
+        """How many sizes the curve rests on (0: nothing measured lately)."""
+        if self._dirty:
+            self._rebuild()
+        return self._observed
 
     def knows(self, tokens: int) -> bool:
         """Whether a size within half a doubling of ``tokens`` has been measured lately."""
         b = self._bin(tokens)
-        near = self._weight[max(b - 2, 0) : b + 3]
-        return bool((near >= self.DROP).any())
+        return any(self._weight_of(i) >= self.DROP
+                   for i in range(max(b - 2, 0), min(b + 3, len(self._stamp))))
+
+    def age(self) -> None:
+        """A step passed that this curve has no observation of: its evidence fades all
+        the same, so that a cost believed too high is measured again in time."""
+        self._now += 1
+        self._dirty = True
 
     def _bin(self, tokens: int) -> int:
         return int(round(self.BINS_PER_DOUBLING * math.log2(max(tokens, 1))))
 
-    def observe(self, tokens: int, seconds: float, limit: float = math.inf) -> None:
-        """Record one step; ``limit`` caps what it counts (the caller's prediction of the
-        whole step, times ``SPIKE``, covers sizes this curve has not seen yet)."""
-        b = min(self._bin(tokens), len(self._weight) - 1)
-        if self._weight[b] >= self.ESTABLISHED:  # a known size: a stall counts so much
+    def observe(self, tokens: int, seconds: float, limit: float = math.inf,
+                capped: bool = False) -> None:
+        """Record one step. What it counts is capped at ``limit`` (the caller's
+        prediction of the whole step, times ``SPIKE``, covers sizes this curve has not
+        seen yet), at ``SPIKE`` times the size's own mean once it is established, and
+        with ``capped`` at ``SPIKE`` times the curve's prediction even at a new size."""
+        b = min(self._bin(tokens), len(self._stamp) - 1)
+        w = self._weight_of(b)
+        if w >= self.ESTABLISHED:  # a known size: a stall counts so much
+            limit = min(limit, self.SPIKE * float(self._seconds[b]))
+        elif capped and self.num_observed_bins:
             limit = min(limit, self.SPIKE * self.predict_one(tokens))
         seconds = min(seconds, limit)
-        self._weight *= self.FADE
-        w = self._weight[b] = min(self._weight[b] + 1.0, self.MEMORY)
+        self._now += 1
+        w = self._raw_weight[b] = min(w * self.FADE + 1.0, self.MEMORY)
+        self._stamp[b] = self._now
         self._tokens[b] += (tokens - self._tokens[b]) / w
         self._seconds[b] += (seconds - self._seconds[b]) / w
-        self._rebuild()
+        self._dirty = True
 
     def _line(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bins in ``mask`` as an interpolation table. A step never gets cheaper by
@@ -182,26 +309,36 @@ class StepCostModel:
         return xs, ys
 
     def _rebuild(self) -> None:
-        """The curve predict() reads, rebuilt once per observation (predict runs more
-        often). A bin seen once is only believed where it says a size is cheaper than the
+        """The curve predict() reads, rebuilt when read after new observations. A bin
+        seen once is only believed where it says a size is cheaper than the
         established bins do: a one-off stall must not hide a size from the policy."""
-        live = self._weight >= self.DROP
-        established = self._weight >= self.ESTABLISHED
+        self._dirty = False
+        weight = self._weight
+        live = weight >= self.DROP
+        established = weight >= self.ESTABLISHED
         use = live
         if established.any():
             tentative = live & ~established
             xs, ys = self._line(established)
             cheaper = self._seconds < np.interp(self._tokens, xs, ys)
             use = established | (tentative & cheaper)
-        self.num_observed_bins = int(np.count_nonzero(use))
+        self._observed = int(np.count_nonzero(use))
         self._xs, self._ys = self._line(use)
+
+    def predict_in_proportion(self, tokens: int) -> float:
+        """Like :meth:`predict_one`, but beyond the largest size measured in proportion to
+        ``tokens``: a cautious reading, for a choice that would not be corrected soon."""
+        seconds = self.predict_one(tokens)
+        if self.num_observed_bins and tokens > self._xs[-1] > 0:
+            seconds *= tokens / self._xs[-1]
+        return seconds
 
     def predict_one(self, tokens: int) -> float:
         return float(self.predict(np.array([tokens]))[0])
 
     def predict(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.float64)
-        if not self.num_observed_bins:
+        if not self.num_observed_bins:  # (rebuilds the curve if needed)
             return np.ones_like(tokens)
         return np.interp(tokens, self._xs, self._ys)
 

@@ -17,6 +17,7 @@ measured cost of engine steps; a request that leaves the batch is forgotten.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -27,9 +28,12 @@ import torch
 
 from cllm_vllm.adaptive import (
     COPY,
+    FULL,
     TAIL,
     AcceptanceTracker,
+    BlockChooser,
     StepCostModel,
+    expected_rate,
     plan_draft_lengths,
     verified_prefix,
 )
@@ -37,6 +41,10 @@ from cllm_vllm.config import JacobiOptions
 from cllm_vllm.fill import fill_guesses, warm_up
 
 SPIKE = StepCostModel.SPIKE
+MAX_REST = 32
+"""While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4, then
+``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
+drafting, and a request that could start drafting waits at most that many steps."""
 
 
 class JacobiProposer:
@@ -59,6 +67,7 @@ class JacobiProposer:
         self._carried = np.zeros(max_reqs, dtype=np.int64)
         self._copied = np.zeros(max_reqs, dtype=np.bool_)
         self.tracker = AcceptanceTracker(self.k, max_reqs) if self.options.adaptive else None
+        self.chooser = BlockChooser() if self.options.adaptive else None
         # Seconds of an engine step without guesses, by the tokens it runs; and what the
         # guesses of a step add to it, by their number (see cllm_vllm.adaptive).
         self.plain_cost = StepCostModel()
@@ -73,7 +82,9 @@ class JacobiProposer:
         self._num_prompt_tokens: np.ndarray | None = None
         self._req_ids: Sequence[str] = ()
         self._seeded_rows: Sequence[int] = ()
-        self._rest = self._rested = False
+        self._rest = 0  # steps left to rest
+        self._idle_plans = 0  # plans in a row that sent no guess
+        self._rested = False
         warm_up()  # compile the fill kernels now, not inside the first timed step
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -90,6 +101,8 @@ class JacobiProposer:
         now = time.perf_counter()
         if self._step_start is not None and continuing:
             seconds = now - self._step_start
+            if self.chooser is not None:
+                self.chooser.add(seconds=seconds)
             base = self._step_tokens - self._step_guesses
             kind = "extra" if self._step_guesses else "plain"
             plain_cost, extra_cost = self.plain_cost, self.extra_cost
@@ -97,9 +110,10 @@ class JacobiProposer:
                 self._first[kind] = False
             elif kind == "plain":
                 # A stalled step counts at most SPIKE times the prediction, even at a new size.
-                limit = SPIKE * plain_cost.predict_one(base) if plain_cost.num_observed_bins \
-                    else math.inf
-                plain_cost.observe(base, seconds, limit)
+                plain_cost.observe(base, seconds, capped=True)
+                # What guesses add fades too while none are sent: nothing would correct
+                # a cost believed too high (a stalled step); forgotten, it is probed again.
+                extra_cost.age()
             elif not plain_cost.knows(base):
                 # Only steps with guesses run at this size (seeded requests always draft):
                 # the step is an upper bound of a plain one, the guesses' cost unknown.
@@ -150,11 +164,13 @@ class JacobiProposer:
         rows = len(sampled_token_ids)
         if rows == 0:
             return []
+        num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
+        if self.chooser is not None:
+            self.chooser.add(tokens=float(num_new.sum()))
         if self._rest and not self._seeded_rows:
-            # The last plan sent no guess at all (a busy engine): rest one step, so that
-            # the policy costs half as much while it keeps deciding against drafting.
-            # Nothing is lost but one step of evidence (the next plan scores nothing).
-            self._rest, self._rested = False, True
+            # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
+            # Nothing is lost but evidence (the next plan scores nothing).
+            self._rest, self._rested = self._rest - 1, True
             self._argmax = self._num_draft = None
             return [[] for _ in range(rows)]
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
@@ -162,7 +178,6 @@ class JacobiProposer:
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
             self._carried = np.zeros(rows, dtype=np.int64)
             self._copied = np.zeros(rows, dtype=np.bool_)
-        num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         num_tokens = num_tokens_no_spec[:rows].astype(np.int64)
         tails, tail_lens = self._tails[:rows], self._verified_tails(num_new)
 
@@ -181,7 +196,8 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
-            self._rest = not lengths.any()
+            self._idle_plans = 0 if lengths.any() else min(self._idle_plans + 1, 16)
+            self._rest = min(1 << self._idle_plans >> 1, MAX_REST)
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
 
@@ -238,15 +254,28 @@ class JacobiProposer:
             carried = np.where(sent, self.k, self._carried[:rows])
             known = self.extra_cost.num_observed_bins > 0
             survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
+            plain = self.plain_cost.predict_one(rows)
+            base_gain = float(np.count_nonzero(num_new))
             lengths = plan_draft_lengths(
                 survival,
                 # Nothing measured (lately) of what guesses cost: they look free, so they
                 # get tried and timed, one per request at most (a bounded probe).
                 max_len if known else np.minimum(max_len, 1),
-                plain_seconds=self.plain_cost.predict_one(rows),
+                plain_seconds=plain,
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
-                base_gain=float(np.count_nonzero(num_new)),
+                base_gain=base_gain,
             )
+
+            def full_is_plausible() -> bool:
+                if not known:
+                    return False
+                rate = functools.partial(expected_rate, survival, plain_seconds=plain,
+                                         extra_seconds=self.extra_cost.predict_in_proportion,
+                                         base_gain=base_gain)
+                return rate(max_len) >= self.chooser.PLAUSIBLE * rate(lengths)
+
+            if self.chooser.choose(rows, full_is_plausible) == FULL:
+                lengths = max_len.copy()
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

@@ -13,6 +13,13 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    the rejection sampler (vLLM 0.32 takes its speculative path whenever a drafter is
    configured; ``_bookkeeping_sync`` reads one-token rows the same either way).
 3. ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--jacobi`` flags.
+3a. ``GPUModelRunner._prepare_inputs``: vLLM 0.32 builds speculative metadata for every
+   step once a drafter is configured (``use_spec_decode = self.speculative_config is not
+   None``), guesses or not; a step in which no request carries a guess takes the plain
+   path instead (same logits rows, one per request), which is what keeps a busy engine
+   that drafts nothing as fast as one without a drafter. Not for hybrid (recurrent)
+   models, whose backends count a guess-less decode as a speculative row, nor with seeded
+   requests (their random streams follow the rejection sampler).
 3b. ``GPUModelRunner.execute_model``: the adaptive policy times whole engine steps against
    ``SchedulerOutput.total_num_scheduled_tokens``; and ``num_speculative_tokens_per_batch_size``
    is read with vLLM's own ``build_dynamic_sd_schedule_lookup``, since vLLM hands the
@@ -82,6 +89,8 @@ def check_vllm_surface() -> list[str]:
             "scheduler_output",
             "intermediate_tensors",
         ],
+        (GPUModelRunner, "_prepare_inputs"): ["self", "scheduler_output",
+                                             "num_scheduled_tokens"],
         (GPUModelRunner, "_bookkeeping_sync"): [
             "self",
             "scheduler_output",
@@ -97,6 +106,10 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} is gone")
         elif list(inspect.signature(fn).parameters) != params:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
+    if "use_spec_decode = self.speculative_config is not None" not in inspect.getsource(
+        GPUModelRunner._prepare_inputs
+    ):
+        problems.append("GPUModelRunner._prepare_inputs no longer reads speculative_config")
     if "gen.set_offset(gen.get_offset()" not in inspect.getsource(GPUModelRunner._bookkeeping_sync):
         problems.append("GPUModelRunner._bookkeeping_sync no longer rewinds generator offsets")
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
@@ -240,6 +253,24 @@ def install_runner_hook() -> None:
 
         return execute_model
 
+    def make_prepare(original):
+        def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+            if (
+                scheduler_output.scheduled_spec_decode_tokens
+                or self.input_batch.generators
+                or self.model_config.is_hybrid
+                or not isinstance(getattr(self, "drafter", None), JacobiProposer)
+            ):
+                return original(self, scheduler_output, *args, **kwargs)
+            spec, self.speculative_config = self.speculative_config, None
+            try:
+                return original(self, scheduler_output, *args, **kwargs)
+            finally:
+                self.speculative_config = spec
+
+        return _prepare_inputs
+
+    _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
     _wrap(GPUModelRunner, "_sample", make)
     _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
     _wrap(GPUModelRunner, "execute_model", make_execute)

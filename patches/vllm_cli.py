@@ -46,6 +46,20 @@ def apply() -> None:
     importlib.metadata.version = patched
 
 
+def platform_plugin() -> None:
+    """A ``vllm.platform_plugins`` entry point that selects no platform.
+
+    vLLM calls these in every process that resolves its platform, which its CLI does
+    before it asks for its version: this makes vLLM's own ``vllm`` script work too,
+    whichever of the two distributions' ``vllm`` scripts pip installed last.
+    """
+    try:
+        apply()
+    except Exception:  # a platform plugin must never stop vLLM from starting
+        pass
+    return None
+
+
 def main() -> None:
     apply()
     from vllm.entrypoints.cli.main import main as vllm_main

@@ -8,11 +8,15 @@ import pytest
 from cllm_vllm.adaptive import (
     COPY,
     FRESH,
+    FULL,
     MIN_GAIN,
     OPTIMISM,
+    PLAN,
     TAIL,
     AcceptanceTracker,
+    BlockChooser,
     StepCostModel,
+    expected_rate,
     plan_draft_lengths,
     verified_prefix,
 )
@@ -227,3 +231,71 @@ def test_verified_prefix_counts_sent_and_unsent_guesses():
     # row 2: the whole guess held; row 3: no guess kept.
     assert matched.tolist() == [2, 1, 4, 0]
     assert tried.tolist() == [3, 1, 4, 0]
+
+
+def run_epochs(chooser, rows, rates, epochs, plausible=True):
+    """Drive ``chooser`` for ``epochs`` epochs in which arm ``a`` makes ``rates[a]`` exact
+    tokens per second (one token per step); return the arm of each step."""
+    arms = []
+    for _ in range(epochs * BlockChooser.EPOCH):
+        arm = chooser.choose(rows, lambda: plausible)
+        arms.append(arm)
+        chooser.add(tokens=1.0, seconds=1.0 / rates[arm])
+    return arms
+
+
+def test_block_chooser_keeps_the_faster_arm_and_rechecks_the_other_ever_less():
+    chooser = BlockChooser()
+    arms = run_epochs(chooser, rows=1, rates={PLAN: 100.0, FULL: 140.0}, epochs=40)
+    assert arms[0] == PLAN and FULL in arms[: 2 * BlockChooser.EPOCH]  # both tried first
+    assert arms[-BlockChooser.EPOCH:] == [FULL] * BlockChooser.EPOCH
+    assert np.mean(np.array(arms[-20 * BlockChooser.EPOCH:]) == FULL) > 0.85
+
+    # Where the plan is faster, the full block is tried at doubling intervals: it costs
+    # ever less of the steps.
+    chooser = BlockChooser()
+    arms = np.array(run_epochs(chooser, rows=1, rates={PLAN: 100.0, FULL: 50.0}, epochs=200))
+    early, late = arms[: 20 * BlockChooser.EPOCH], arms[-100 * BlockChooser.EPOCH:]
+    assert 0 < np.mean(late == FULL) < np.mean(early == FULL)
+    assert np.mean(late == FULL) <= 2 / BlockChooser.MAX_PATIENCE
+
+
+def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
+    chooser = BlockChooser()
+    assert set(run_epochs(chooser, 64, {PLAN: 100.0, FULL: 500.0}, 10, plausible=False)) \
+        == {PLAN}
+    # What was learnt at batch 1 does not carry over to 32 requests, and back.
+    run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 10)
+    assert run_epochs(chooser, 32, {PLAN: 100.0, FULL: 20.0}, 30)[-1] == PLAN
+    assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1)[-1] == FULL
+
+
+def test_expected_rate_counts_sent_guesses_and_their_cost():
+    survival = survival_of([0.5, 1.0])
+    lengths = np.array([2, 1])
+    # 2 base tokens + (0.5 + 0.25) + 1.0, in 1 s + 3 guesses x 0.1 s.
+    rate = expected_rate(survival, lengths, 1.0, lambda m: 0.1 * m, base_gain=2.0)
+    assert rate == pytest.approx(3.75 / 1.3)
+    assert expected_rate(survival, np.zeros(2), 1.0, lambda m: 0.1 * m, 2.0) == 2.0
+
+
+def test_cautious_prediction_grows_beyond_what_was_measured():
+    model = StepCostModel(through_zero=True)
+    for _ in range(3):
+        model.observe(4, 0.001)
+        model.observe(8, 0.002)
+    assert model.predict_one(64) == pytest.approx(0.002)  # optimistic: flat
+    assert model.predict_in_proportion(64) == pytest.approx(0.016)  # cautious
+    assert model.predict_in_proportion(6) == pytest.approx(model.predict_one(6))
+
+
+def test_step_cost_model_forgets_what_it_no_longer_observes():
+    """A cost believed too high stops the guesses that would correct it: it must fade
+    with the steps that pass without it, and be measured again."""
+    model = StepCostModel(through_zero=True)
+    model.observe(16, 0.5)
+    model.observe(16, 0.5)
+    assert model.knows(16) and model.predict_one(16) == pytest.approx(0.5)
+    for _ in range(1000):
+        model.age()
+    assert not model.knows(16) and model.num_observed_bins == 0
