@@ -38,7 +38,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from cllm_vllm.demo import BUNDLED_CLLM, DEMO_FILL, DOMAINS, MAX_TOKENS
+    from cllm_vllm.evaluation import BUNDLED_CLLM, DEMO_FILL, DOMAINS, MAX_TOKENS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(BUNDLED_CLLM))
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from cllm_vllm.demo import _engine, _run, heldout_records
+    from cllm_vllm.evaluation import engine, heldout_records, run_batches
     from cllm_vllm.stats import batch_acceptance
     from cllm_vllm.training.data import encode_prompt
 
@@ -62,14 +62,14 @@ def main(argv=None) -> int:
     prompts = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, args.prompts)]
                for d in args.domains}
     # k None is AR. In-process engines stay alive: shutting one down breaks the next.
-    engines = {k: _engine(Path(args.model), k, args.fill) for k in [None, *args.ks]}
+    engines = {k: engine(Path(args.model), k, args.fill) for k in [None, *args.ks]}
     for llm in engines.values():
-        _run(llm, prompts[args.domains[0]][:2], 8, 1)  # warm-up
+        run_batches(llm, prompts[args.domains[0]][:2], 8, 1)  # warm-up
     rows = []
     for turn in range(args.repeats):
         for k, llm in engines.items():
             for d in args.domains:
-                outs, t = _run(llm, prompts[d], MAX_TOKENS[d], 1)
+                outs, t = run_batches(llm, prompts[d], MAX_TOKENS[d], 1)
                 n = sum(len(o.outputs[0].token_ids) for o in outs)
                 tps = 1.0 if k is None else batch_acceptance(outs).tokens_per_step
                 rows.append({"turn": turn, "k": k, "domain": d,

@@ -97,7 +97,7 @@ def speculative_configs(methods, k: int = K) -> dict[str, dict | None]:
 
 
 def make_engine(model: Path, spec: dict | None, max_num_seqs: int):
-    """The demo's engine settings (``cllm_vllm.demo._engine``), room for ``max_num_seqs``."""
+    """The demo's engine settings (``cllm_vllm.evaluation.engine``), room for ``max_num_seqs``."""
     from vllm import LLM
 
     kwargs = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
@@ -110,9 +110,9 @@ def make_engine(model: Path, spec: dict | None, max_num_seqs: int):
 
 def run_groups(llm, prompts, max_tokens: int, c: int):
     """Greedy outputs of ``prompts`` sent ``c`` at a time, and the wall time (the demo's)."""
-    from cllm_vllm.demo import _run
+    from cllm_vllm.evaluation import run_batches
 
-    return _run(llm, prompts, max_tokens, c)
+    return run_batches(llm, prompts, max_tokens, c)
 
 
 def step_stats(outs) -> dict:
@@ -324,7 +324,7 @@ def write(out: Path, meta: dict, runs: list[dict]) -> list[dict]:
 # -- main ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER, DOMAINS, MAX_TOKENS
+    from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_TEACHER, DOMAINS, MAX_TOKENS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["CLLM", "teacher"],
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from cllm_vllm.demo import heldout_records
+    from cllm_vllm.evaluation import heldout_records
     from cllm_vllm.training.data import encode_prompt
 
     t_start = time.perf_counter()

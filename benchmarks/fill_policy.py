@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(model)
     if args.heldout:
-        from cllm_vllm.demo import DOMAINS, heldout_records
+        from cllm_vllm.evaluation import DOMAINS, heldout_records
         from cllm_vllm.training.data import encode_prompt
 
         sets = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, args.heldout)]
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
                             ignore_eos=not args.heldout)
     results = {}
+    engines = []
     for policy in args.policies or FILL_POLICIES:
         llm = LLM(model, dtype="float32", enforce_eager=True, max_model_len=1024,
                   kv_cache_memory_bytes=64 * 2**20, per_request_spec_decode_metrics="summary",
@@ -86,8 +87,9 @@ def main(argv=None) -> int:
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                 use_tqdm=False)
             results.setdefault(policy, {})[name] = round(batch_acceptance(outs).tokens_per_step, 3)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        # In-process engines share vLLM's process-global state: shutting one down breaks
+        # the next (as in cllm_vllm.evaluation). They are small; keep them until the end.
+        engines.append(llm)
     print(f"tokens per step, k={args.k}, model={model}")
     print(f"{'policy':<12}" + "".join(f"{n:>12}" for n in sets))
     for policy, row in results.items():

@@ -9,7 +9,8 @@ core, model runner and proposer share this process and thread) on a tiny random-
 Llama (hidden 128, 4 heads, 2 layers, ``max_model_len`` 4608) with Jacobi ``k=16`` and the
 package's default fill, greedy, ``ignore_eos``. It wraps, in this script only:
 
-* ``JacobiProposer.propose`` and ``.observe_verification``: perf_counter, summed per step;
+* ``JacobiProposer.propose``, ``.observe_verification`` and ``.step_started`` (the
+  adaptive policy's step timing): perf_counter, summed per step;
 * ``GPUModelRunner.execute_model`` + ``.sample_tokens`` (the CPU runner inherits both): one
   engine step of the runner = forward pass + sampling + verification bookkeeping + the
   proposer, which runs inside ``sample_tokens``.
@@ -128,6 +129,8 @@ class StepTimer:
         timed(GPUModelRunner, "sample_tokens", "runner")
         timed(JacobiProposer, "propose", "propose")
         timed(JacobiProposer, "observe_verification", "observe")
+        # The adaptive policy's step timing (called from the runner's execute_model).
+        timed(JacobiProposer, "step_started", "observe")
 
 
 def build_model(model_dir: Path) -> Path:

@@ -102,7 +102,7 @@ def heldout_dataset(out: Path, tokenizer_path: str, domain: str, n: int) -> Path
     template the prompts itself but needs pandas, which vLLM does not install."""
     from transformers import AutoTokenizer
 
-    from cllm_vllm.demo import heldout_records
+    from cllm_vllm.evaluation import heldout_records
 
     recs = heldout_records(domain, n)
     if len(recs) < n:
@@ -120,7 +120,7 @@ def bench_rate(url: str, model: str, dataset: Path, rate: float, args, out_dir: 
                name: str) -> dict:
     """One ``vllm bench serve`` run at ``rate`` requests/s; its result JSON (with each
     request's generated text, for the identity check)."""
-    from cllm_vllm.demo import MAX_TOKENS
+    from cllm_vllm.evaluation import MAX_TOKENS
 
     result = out_dir / f"{name}.json"
     cmd = [*VLLM, "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", model,
@@ -216,9 +216,41 @@ def format_rate_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_overview(sweeps: list[dict]) -> str:
+    """One Markdown table over several rate sweeps (``serve_load.json`` of each model and
+    domain): per rate, AR's output tokens/s and each Jacobi server's ratio to it."""
+    lines = ["| model | domain | request rate (req/s) | AR tok/s | fixed vs AR | adaptive vs "
+             "AR | ITL p50 (ms) AR / fixed / adaptive | identical to AR |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for sweep in sweeps:
+        meta, rows = sweep["meta"], sweep["summary"]
+        name = Path(meta["model"]).name.replace("tiny-", "").replace("cllm", "CLLM")
+        for rate in dict.fromkeys(r["rate"] for r in rows):
+            by = {r["method"]: r for r in rows if r["rate"] == rate}
+
+            def ratio(m):
+                r = by.get(m)
+                if r is None or r["vs_ar"] is None:
+                    return "-"
+                text = f"{r['vs_ar']:.2f}x"
+                if r["turns"] > 1:
+                    text += f" ({r['vs_ar_min']:.2f}-{r['vs_ar_max']:.2f})"
+                return f"**{text}**" if r["vs_ar"] < 1 else text
+
+            itl = " / ".join("-" if by.get(m, {}).get("p50_itl_ms") is None
+                             else f"{by[m]['p50_itl_ms']:.1f}" for m in RATE_METHODS)
+            ident = [r["identical"] for r in by.values() if r["identical"] is not None]
+            lines.append(
+                f"| {name} | {meta['domain']} | {'inf' if rate == float('inf') else f'{rate:g}'}"
+                f" | {by['ar']['output_throughput']:.0f} | {ratio('fixed')} | "
+                f"{ratio('adaptive')} | {itl} | "
+                f"{'-' if not ident else ('yes' if all(ident) else 'NO')} |")
+    return "\n".join(lines)
+
+
 def rate_sweep(args) -> int:
     """AR, fixed and adaptive Jacobi servers, all up at once, at every request rate."""
-    from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER
+    from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_TEACHER
 
     model = {"CLLM": str(BUNDLED_CLLM), "teacher": str(BUNDLED_TEACHER),
              None: str(BUNDLED_CLLM)}.get(args.model, args.model)
@@ -319,7 +351,17 @@ def main(argv=None) -> int:
     ap.add_argument("--domain", choices=("arithmetic", "sharegpt"), default="sharegpt",
                     help="held-out prompts of the rate sweep")
     ap.add_argument("--turns", type=int, default=1, help="turns of the rate sweep")
+    ap.add_argument("--overview", nargs="+", metavar="DIR", default=None,
+                    help="print one table over the rate sweeps saved in these directories "
+                         "(and save it as overview.md beside the first); no runs")
     args = ap.parse_args(argv)
+    if args.overview:
+        dirs = [Path(d) for d in args.overview]
+        table = format_overview([json.loads((d / "serve_load.json").read_text())
+                                 for d in dirs])
+        (dirs[0].parent / "overview.md").write_text(table + "\n")
+        print(table)
+        return 0
     if args.request_rates:
         if args.turns < 1 or min(args.request_rates) <= 0:
             ap.error("--turns and --request-rates must be > 0")

@@ -126,7 +126,8 @@ def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: floa
 
 
 PLAN, FULL = 0, 1
-"""What a step sends: the plan's lengths, or every request's full block."""
+"""What a step sends: the plan's lengths, or the full block (for every request whose next
+guess has at least ``MIN_GAIN`` chance)."""
 
 
 class BlockChooser:

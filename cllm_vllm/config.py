@@ -49,6 +49,7 @@ def to_vllm_speculative_config(
     spec_dict: dict[str, Any],
     max_model_len: int | None,
     async_scheduling: bool | None = None,
+    v2_model_runner: bool | None = None,
 ) -> tuple[dict[str, Any], JacobiOptions]:
     """Validate a Jacobi speculative config and translate it for vLLM.
 
@@ -78,6 +79,13 @@ def to_vllm_speculative_config(
     adaptive = spec.get("adaptive", True)
     if not isinstance(adaptive, bool):
         raise ValueError(f"Jacobi option 'adaptive' must be true or false, got {adaptive!r}")
+    if v2_model_runner:
+        raise ValueError(
+            "Jacobi decoding needs vLLM's V1 model runner: vLLM 0.32's V2 runner does not "
+            "run custom drafters (it raises NotImplementedError for method "
+            "'custom_class'), and VLLM_USE_V2_MODEL_RUNNER=1 asks for it. Unset "
+            "VLLM_USE_V2_MODEL_RUNNER (vLLM then picks V1 for custom drafters)."
+        )
     if async_scheduling:
         raise ValueError(
             "Jacobi decoding cannot run with async_scheduling=True: vLLM 0.32 overlaps "

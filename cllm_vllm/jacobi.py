@@ -1,6 +1,6 @@
 """One Jacobi step over token arrays: the single definition shared by serving and training.
 
-Notation (DESIGN.md): a guess block ``g[0..k-1]`` sits after the last exact token. One
+Notation: a guess block ``g[0..k-1]`` sits after the last exact token. One
 forward pass over ``[last, g0 .. g(k-1)]`` gives the model's greedy prediction at every
 position, ``a[0..k]``: ``a[i]`` is the token the model wants at the position of ``g[i]``
 given everything before it, and ``a[k]`` is the token after the block.
@@ -67,8 +67,3 @@ def split_verified(target: np.ndarray, num_accepted: int) -> JacobiStep:
     target = np.asarray(target)
     j = num_accepted
     return JacobiStep(num_accepted=j, exact=target[: j + 1], tail=target[j + 1 :])
-
-
-def is_fixed_point(state: np.ndarray, target: np.ndarray) -> bool:
-    """A block state is converged when one more Jacobi update leaves it unchanged."""
-    return accepted_prefix_len(state, target) >= len(state)

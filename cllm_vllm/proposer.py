@@ -18,7 +18,7 @@ measured cost of engine steps; a request that leaves the batch is forgotten.
 from __future__ import annotations
 
 import functools
-import math
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 from cllm_vllm.adaptive import (
     COPY,
     FULL,
+    MIN_GAIN,
     TAIL,
     AcceptanceTracker,
     BlockChooser,
@@ -40,9 +41,12 @@ from cllm_vllm.adaptive import (
 from cllm_vllm.config import JacobiOptions
 from cllm_vllm.fill import fill_guesses, warm_up
 
+# Under vLLM's logger, which vLLM configures (level, format, the process prefix); a plain
+# module logger would stay silent at INFO.
+logger = logging.getLogger(f"vllm.{__name__}")
 SPIKE = StepCostModel.SPIKE
 MAX_REST = 32
-"""While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4, then
+"""While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
 ``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
 drafting, and a request that could start drafting waits at most that many steps."""
 
@@ -86,6 +90,8 @@ class JacobiProposer:
         self._idle_plans = 0  # plans in a row that sent no guess
         self._rested = False
         warm_up()  # compile the fill kernels now, not inside the first timed step
+        logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
+                    self.options.fill, self.options.adaptive)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model: the target verifies its own guesses (vLLM's CPU runner calls this)."""
@@ -196,8 +202,8 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
-            self._idle_plans = 0 if lengths.any() else min(self._idle_plans + 1, 16)
-            self._rest = min(1 << self._idle_plans >> 1, MAX_REST)
+            idle = 0 if lengths.any() else min(self._idle_plans + 1, MAX_REST.bit_length())
+            self._idle_plans, self._rest = idle, min(1 << idle >> 1, MAX_REST)
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
 
@@ -266,16 +272,20 @@ class JacobiProposer:
                 base_gain=base_gain,
             )
 
+            # The full block, for every request whose next guess has a fair chance (one
+            # that never accepts stays out of it).
+            full = np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
+
             def full_is_plausible() -> bool:
                 if not known:
                     return False
                 rate = functools.partial(expected_rate, survival, plain_seconds=plain,
                                          extra_seconds=self.extra_cost.predict_in_proportion,
                                          base_gain=base_gain)
-                return rate(max_len) >= self.chooser.PLAUSIBLE * rate(lengths)
+                return rate(full) >= self.chooser.PLAUSIBLE * rate(lengths)
 
             if self.chooser.choose(rows, full_is_plausible) == FULL:
-                lengths = max_len.copy()
+                lengths = full
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

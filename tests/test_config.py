@@ -38,6 +38,12 @@ def test_bad_options(spec, match):
         to_vllm_speculative_config(spec, 512)
 
 
+def test_the_v2_model_runner_is_refused_with_reason():
+    with pytest.raises(ValueError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER"):
+        to_vllm_speculative_config({"method": "jacobi"}, 512, v2_model_runner=True)
+    to_vllm_speculative_config({"method": "jacobi"}, 512, v2_model_runner=None)  # auto: V1
+
+
 def test_async_scheduling_is_refused_with_reason():
     with pytest.raises(ValueError, match="async_scheduling"):
         to_vllm_speculative_config({"method": "jacobi"}, 512, async_scheduling=True)
@@ -83,6 +89,15 @@ def test_llm_refuses_bad_config_before_engine_start(models, kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         LLM(str(models["llama"]), max_model_len=512, **kwargs)
+
+
+@pytest.mark.engine
+def test_llm_refuses_the_v2_runner_before_engine_start(models, monkeypatch):
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        LLM(str(models["llama"]), max_model_len=512, speculative_config={"method": "jacobi"})
 
 
 def test_speculative_config_json_on_the_command_line(models):

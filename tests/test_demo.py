@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import free_port
 
-from cllm_vllm.demo import BUNDLED_CLLM, BUNDLED_TEACHER, JACOBI_ADAPTIVE, JACOBI_FIXED
+from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_TEACHER, JACOBI_ADAPTIVE, JACOBI_FIXED
 
 pytestmark = pytest.mark.engine
 

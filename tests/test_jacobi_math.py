@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cllm_vllm.fill import FILL_POLICIES, fill_guess
-from cllm_vllm.jacobi import accepted_prefix_len, is_fixed_point, jacobi_step, split_verified
+from cllm_vllm.jacobi import accepted_prefix_len, jacobi_step, split_verified
 
 
 def test_accepted_prefix_len():
@@ -36,11 +36,6 @@ def test_split_verified_matches_step_for_greedy():
         t = split_verified(a, s.num_accepted)
         assert s.exact.tolist() == t.exact.tolist() and s.tail.tolist() == t.tail.tolist()
         assert len(s.exact) + len(s.tail) == 7
-
-
-def test_fixed_point():
-    assert is_fixed_point(np.array([1, 2]), np.array([1, 2, 5]))
-    assert not is_fixed_point(np.array([1, 2]), np.array([1, 3, 5]))
 
 
 @pytest.mark.parametrize("policy", [p for p in FILL_POLICIES if p != "ngram-first"])
@@ -98,7 +93,7 @@ def test_ngram_first_prefers_a_seen_ngram_over_the_tail():
 def test_cpu_expand_replacement():
     import torch
 
-    from cllm_vllm.vllm_hooks import expand_batch_to_tokens
+    from cllm_vllm.patches.cpu_rejection_expand import expand_batch_to_tokens
 
     x = torch.tensor([0.0, 0.7, 1.3])
     cu = torch.tensor([2, 5, 6], dtype=torch.int32)

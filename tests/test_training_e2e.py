@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import engine
 
-from cllm_vllm.demo import BUNDLED_TEACHER, heldout_records
+from cllm_vllm.evaluation import BUNDLED_TEACHER, heldout_records
 from cllm_vllm.training.recipe import TinyRecipe, perplexity
 
 pytestmark = pytest.mark.engine

@@ -117,6 +117,53 @@ def test_cleaning_drops_loops():
     assert not is_loop([1, 2, 3, 4, 5, 6, 7, 8], 2)
 
 
+def test_a_pad_token_past_the_models_vocabulary_is_never_fed_to_it(teacher, collected,
+                                                                   tmp_path):
+    """Some tokenizers add a pad token at id = vocab size (Qwen2's do); padded positions
+    are masked, so collection pads with an id the model has and gets the same
+    trajectories."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "pad-past-vocab"
+    shutil.copytree(teacher, model_dir)
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.save_pretrained(model_dir)
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    assert tok.pad_token_id >= vocab
+    out = tmp_path / "traj"
+    cfg = CollectConfig(block_size=BLOCK, max_new_tokens=40, batch_size=5, shard_size=6)
+    collect(model_dir, _records(14), out, cfg, progress=False)
+    shards = sorted(p.name for p in collected.glob("shard-*.jsonl"))
+    assert shards and shards == sorted(p.name for p in out.glob("shard-*.jsonl"))
+    for name in shards:
+        assert (out / name).read_bytes() == (collected / name).read_bytes(), name
+
+
+def test_collect_refuses_a_tokenizer_larger_than_the_model_before_loading_it(teacher,
+                                                                            tmp_path):
+    from cllm_vllm.cli import main
+    from cllm_vllm.training.tiny import synthetic_text, train_tokenizer
+
+    model_dir = tmp_path / "bigger-tokenizer"
+    shutil.copytree(teacher, model_dir)
+    train_tokenizer(synthetic_text(2000, seed=9), 700, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not loaded")  # would fail if it were
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(_records(1)[0]) + "\n")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["collect", "--teacher", str(model_dir), "--prompts", str(prompts),
+                   "--out", str(tmp_path / "out")])
+    assert rc == 2, err.getvalue()
+    assert str(model_dir) in err.getvalue() and "more than the model's vocabulary (512)" \
+        in err.getvalue()
+    assert not (tmp_path / "out").exists()
+
+
 def _collect_cmd(teacher, prompts, out):
     return [sys.executable, "-m", "cllm_vllm.cli", "collect", "--teacher", str(teacher),
             "--prompts", str(prompts), "--out", str(out), "--block-size", str(BLOCK),

@@ -7,7 +7,6 @@ file or option at fault.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..fill import DEFAULT_FILL, FILL_POLICIES
@@ -44,6 +43,9 @@ def run_collect(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
     _require_model_dir(args.teacher, "--teacher")
+    from transformers import AutoTokenizer
+
+    _check_tokenizer(AutoTokenizer.from_pretrained(args.teacher), args.teacher, "--teacher")
     records = load_records(args.prompts)[: args.limit]
     cfg = CollectConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, shard_size=args.shard_size, fill=args.fill)
@@ -99,13 +101,24 @@ def _require_model_dir(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no weights (*.safetensors) in the directory")
 
 
+def _check_tokenizer(tok, model_dir: str, flag: str) -> int | None:
+    """The model's vocabulary size, once its tokenizer is known to fit it."""
+    from .data import model_vocab_size, tokenizer_mismatch
+
+    vocab = model_vocab_size(model_dir)
+    problem = tokenizer_mismatch(tok, vocab)
+    if problem:
+        raise UsageError(f"{flag} {model_dir}: {problem}")
+    return vocab
+
+
 def prepare_train(args):
     """Validate everything and build (model, tokenizer, objective, config); no training yet."""
     import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import DataError, answer_pairs, load_records
+    from .data import DataError, answer_pairs, load_records, padding_id
     from .objectives import CLLMObjective
     from .trainer import TrainConfig
     from .trajectories import block_samples, load
@@ -123,14 +136,10 @@ def prepare_train(args):
     if args.replay_weight is not None and (args.replay is None or args.replay_weight < 0):
         raise UsageError("--replay-weight needs --replay and must be >= 0")
     tok = AutoTokenizer.from_pretrained(args.model)
-    config = json.loads((Path(args.model) / "config.json").read_text())
-    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if vocab is not None and len(tok) > vocab:
-        raise UsageError(f"--model {args.model}: its tokenizer has {len(tok)} tokens, more "
-                         f"than the model's vocabulary ({vocab}): they do not belong together")
+    vocab = _check_tokenizer(tok, args.model, "--model")
     manifest, records = load(args.data, args.block_size, tok)
     blocks = block_samples(records, manifest.get("eos_ids", [tok.eos_token_id]))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = padding_id(tok, vocab if vocab is not None else len(tok))
     replay, replay_weight = None, 0.0
     if args.replay is not None:
         try:

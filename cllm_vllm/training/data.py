@@ -134,6 +134,40 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def padding_id(tokenizer, vocab_size: int) -> int:
+    """An id to pad batches with. Padded positions are masked, so any id the model has
+    will do: the tokenizer's pad token where the model has it, else EOS (some tokenizers
+    add a pad token past the model's vocabulary, e.g. Qwen2's at ``vocab_size``)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None and 0 <= tid < vocab_size:
+            return tid
+    return 0
+
+
+def model_vocab_size(model_dir: str | Path) -> int | None:
+    """The vocabulary size in an HF model directory's config.json."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+
+
+def tokenizer_mismatch(tokenizer, vocab_size: int | None) -> str | None:
+    """Why ``tokenizer`` cannot feed a model with ``vocab_size`` embeddings (None if it
+    can). Added tokens past the vocabulary are fine as long as no text or special token
+    the pipeline uses maps to them (a pad token there is replaced, see
+    :func:`padding_id`)."""
+    if vocab_size is None:
+        return None
+    if tokenizer.vocab_size > vocab_size:
+        return (f"its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                f"vocabulary ({vocab_size}): they do not belong together")
+    for name in ("eos", "bos"):
+        tid = getattr(tokenizer, f"{name}_token_id")
+        if tid is not None and not 0 <= tid < vocab_size:
+            return (f"its tokenizer's {name} token id {tid} is outside the model's "
+                    f"vocabulary ({vocab_size})")
+    return None
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation up to the assistant's turn (the tokenizer's chat template)."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

