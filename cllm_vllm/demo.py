@@ -25,7 +25,7 @@ from .fill import DEFAULT_FILL, FILL_POLICIES
 
 
 def serve(model: Path, port: int, k: int, fill: str) -> int:
-    """``vllm serve MODEL --jacobi``, through the package's own ``vllm`` entry point."""
+    """``vllm serve MODEL --jacobi``: vLLM's CLI in this interpreter's environment."""
     import subprocess
 
     cmd = [sys.executable, "-m", "cllm_vllm.patches.vllm_cli", "serve", str(model),

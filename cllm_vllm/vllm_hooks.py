@@ -117,6 +117,7 @@ def check_vllm_surface() -> list[str]:
         missing = [snippet for snippet in snippets if snippet not in src]
         if missing:
             problems.append(f"{cls.__name__}.{name} no longer has {missing}")
+    from vllm.config import SpeculativeConfig
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
@@ -125,6 +126,8 @@ def check_vllm_surface() -> list[str]:
                           "scheduled_spec_decode_tokens"],
         CachedRequestData: ["req_ids"],
         SpecDecodeMetadata: ["num_draft_tokens"],
+        # config.py passes these speculative_config keys through to vLLM unchanged.
+        SpeculativeConfig: sorted(jcfg.PASSTHROUGH_KEYS),
     }
     for cls, names in fields.items():
         have = getattr(cls, "__dataclass_fields__", {})

@@ -150,10 +150,11 @@ def test_server_runs_jacobi_with_the_fill_it_was_given(servers):
         _completion(jac, prompt=prompt, max_tokens=64)
     assert jac.metric("vllm:spec_decode_num_drafts_total") > 0
     assert jac.metric("vllm:spec_decode_num_accepted_tokens_total") > accepted
-    # The proposer lives in the engine core process, which gets vLLM's config by pickle:
-    # its own log line says which options it was built with.
+    # The proposer lives in the engine core (or its worker) process, which gets vLLM's
+    # config by pickle: its own log line says which options it was built with.
     log = Path(jac.log.name).read_text()
-    assert re.search(r"^\(EngineCore[^)]*\).*Jacobi drafting: k=5, fill=ngram, adaptive",
+    assert re.search(r"^\((?:EngineCore|Worker)[^)]*\).*Jacobi drafting: k=5, fill=ngram, "
+                     r"adaptive",
                      log, re.M), log[-3000:]
 
 
