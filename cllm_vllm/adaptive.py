@@ -82,6 +82,12 @@ makes the next prediction right). Where that costs more than it returns (a busy 
 the calibration below scales the promises down."""
 
 
+def load_bucket(rows: int) -> int:
+    """The load bucket of a step with ``rows`` requests (log2), for evidence that depends
+    on the load: the calibration of promises and the plan-or-full-block choice."""
+    return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
+
+
 def plan_draft_lengths(
     survival: np.ndarray,
     max_len: np.ndarray,
@@ -150,11 +156,11 @@ class BlockChooser:
     MAX_PATIENCE = 64
     PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
 
-    def __init__(self, buckets: int = CALIBRATION_BUCKETS) -> None:
-        self._tokens = np.zeros((buckets, 2))
-        self._seconds = np.zeros((buckets, 2))
-        self._since = np.zeros(buckets, dtype=np.int64)
-        self._patience = np.ones(buckets, dtype=np.int64)
+    def __init__(self) -> None:
+        self._tokens = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._seconds = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._since = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
+        self._patience = np.ones(CALIBRATION_BUCKETS, dtype=np.int64)
         self.arm = PLAN
         self._bucket = -1
         self._steps = 0
@@ -172,7 +178,7 @@ class BlockChooser:
     def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
         """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
         steps, or at once when the load moves to another bucket."""
-        bucket = min(max(rows, 1).bit_length() - 1, len(self._since) - 1)
+        bucket = load_bucket(rows)
         self._steps += 1
         if bucket == self._bucket and self._steps <= self.EPOCH:
             return self.arm
@@ -421,14 +427,10 @@ class AcceptanceTracker:
         self._guess_source[slots] = sources
         self._sent[slots] = sent
 
-    @staticmethod
-    def _bucket(rows: int) -> int:
-        return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
-
     def promise(self, accepted: float, rows: int) -> None:
         """The plan just made for ``rows`` requests expects ``accepted`` of its guesses to
         be accepted."""
-        self._pending, self._pending_bucket = accepted, self._bucket(rows)
+        self._pending, self._pending_bucket = accepted, load_bucket(rows)
 
     def deliver(self, accepted: int) -> None:
         """The last plan's guesses: ``accepted`` were accepted. The record fades every
@@ -446,7 +448,7 @@ class AcceptanceTracker:
         The estimates rest on assumptions (a drafting request keeps drafting; positions
         are independent of how the batch changes) that a busy engine breaks one way more
         than the other: the plan scales its promises by how they turned out."""
-        b = self._bucket(rows)
+        b = load_bucket(rows)
         return min((self._delivered[b] + 1.0) / (self._promised[b] + 1.0), 1.0)
 
     def last_guesses(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

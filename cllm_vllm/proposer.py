@@ -273,8 +273,9 @@ class JacobiProposer:
             )
 
             # The full block, for every request whose next guess has a fair chance (one
-            # that never accepts stays out of it).
-            full = np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
+            # that never accepts stays out of it); built only when the chooser asks.
+            def full_block() -> np.ndarray:
+                return np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
 
             def full_is_plausible() -> bool:
                 if not known:
@@ -282,10 +283,10 @@ class JacobiProposer:
                 rate = functools.partial(expected_rate, survival, plain_seconds=plain,
                                          extra_seconds=self.extra_cost.predict_in_proportion,
                                          base_gain=base_gain)
-                return rate(full) >= self.chooser.PLAUSIBLE * rate(lengths)
+                return rate(full_block()) >= self.chooser.PLAUSIBLE * rate(lengths)
 
             if self.chooser.choose(rows, full_is_plausible) == FULL:
-                lengths = full
+                lengths = full_block()
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

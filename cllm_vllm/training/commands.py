@@ -43,9 +43,6 @@ def run_collect(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
     _require_model_dir(args.teacher, "--teacher")
-    from transformers import AutoTokenizer
-
-    _check_tokenizer(AutoTokenizer.from_pretrained(args.teacher), args.teacher, "--teacher")
     records = load_records(args.prompts)[: args.limit]
     cfg = CollectConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, shard_size=args.shard_size, fill=args.fill)
