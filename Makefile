@@ -17,8 +17,10 @@ test: setup
 demo: setup
 	cllm-vllm demo
 
+# Every method on the bundled teacher in one run: AR, n-gram, Jacobi (teacher, CLLM), Medusa,
+# EAGLE, EAGLE-3; offline and online; tables and plots in benchmarks/results/methods/.
 bench: setup
-	$(PYTHON) benchmarks/ar_vs_jacobi.py
+	$(PYTHON) benchmarks/methods.py
 
 # Rebuild the bundled models from scratch (about an hour on 2 CPU cores) and ship them.
 recipe: setup

@@ -117,7 +117,7 @@ def heldout_dataset(out: Path, tokenizer_path: str, domain: str, n: int) -> Path
 
 
 def bench_rate(url: str, model: str, dataset: Path, rate: float, args, out_dir: Path,
-               name: str) -> dict:
+               name: str, percentiles: str = "ttft,itl") -> dict:
     """One ``vllm bench serve`` run at ``rate`` requests/s; its result JSON (with each
     request's generated text, for the identity check)."""
     from cllm_vllm.evaluation import MAX_TOKENS
@@ -128,7 +128,7 @@ def bench_rate(url: str, model: str, dataset: Path, rate: float, args, out_dir: 
            "--sharegpt-output-len", str(MAX_TOKENS[args.domain]),
            "--num-prompts", str(args.num_prompts),
            "--request-rate", str(rate), "--seed", "0", "--temperature", "0",
-           "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99",
+           "--percentile-metrics", percentiles, "--metric-percentiles", "50,99",
            "--disable-tqdm", "--save-result", "--save-detailed", "--result-dir",
            str(out_dir), "--result-filename", result.name]
     if args.concurrency:

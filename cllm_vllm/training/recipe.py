@@ -11,7 +11,10 @@ resumes at the stage it was in; the training stages resume from their checkpoint
    ``teacher_*`` below).
 4. ``trajectories``: Jacobi trajectories of the teacher on training prompts.
 5. ``cllm``: consistency (GC) + AR training of the teacher on its trajectories.
-6. ``eval``: held-out perplexity, arithmetic accuracy, tokens per step in vLLM; model cards.
+6. ``medusa``, ``eagle``, ``eagle3``: the baselines' drafters for the frozen teacher
+   (:mod:`.drafters`), on the same prompts and teacher outputs (the trajectories' fixed
+   points) with the CLLM stage's budget: as many optimizer steps of as many sequences.
+7. ``eval``: held-out perplexity, arithmetic accuracy, tokens per step in vLLM; model cards.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +78,11 @@ class TinyRecipe:
     replay_weight: float = 30.0
     replay_chat: bool = False
     eval_prompts: int = 32
+    # Baseline drafters (same steps and sequences per step as the CLLM stage).
+    medusa_heads: int = 4
+    drafter_lr: float = 1e-3
+    eagle_unroll: int = 1
+    eagle3_unroll: int = 3
 
 
 def _chat_records(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
@@ -182,7 +191,61 @@ def stage_cllm(out: Path, data: Path, teacher: Path, traj: Path, r: TinyRecipe,
                              "ar_labels": r.ar_labels, "blocks": objective.num_samples,
                              "replay_weight": r.replay_weight})
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="float32")
-    train(model, tok, objective, cfg)
+    with _budget(out, "cllm", r, model):
+        train(model, tok, objective, cfg)
+
+
+@contextmanager
+def _budget(out: Path, method: str, r: TinyRecipe, model):
+    """Write ``budget.json`` after a training stage: its steps, sequences per step,
+    trainable parameters and wall-clock (what the baselines are compared by)."""
+    from .drafters import trainable_parameters
+    from .trainer import latest_checkpoint
+
+    resumed = latest_checkpoint(out) is not None
+    t0 = time.time()
+    yield
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    budget = {"method": method, "steps": r.cllm_steps, "sequences_per_step": r.cllm_batch,
+              "trainable_parameters": trainable_parameters(model),
+              "seconds": round(time.time() - t0, 1), "resumed": resumed,
+              "final_loss": round(log[-1]["loss"], 4),
+              "final_top1": {k: round(v, 3) for k, v in log[-1].items()
+                             if k.startswith("acc")}}
+    (out / "budget.json").write_text(json.dumps(budget, indent=1) + "\n")
+
+
+DRAFTERS = ("medusa", "eagle", "eagle3")
+
+
+def drafter_options(kind: str, r: TinyRecipe) -> dict:
+    return {"medusa": {"num_heads": r.medusa_heads}, "eagle": {"steps": r.eagle_unroll},
+            "eagle3": {"steps": r.eagle3_unroll}}[kind]
+
+
+def stage_drafter(kind: str, out: Path, teacher: Path, traj: Path, r: TinyRecipe,
+                  progress=True) -> None:
+    """Train one baseline drafter; ``budget.json`` records what it cost."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .drafters import build_drafter
+    from .objectives import DrafterObjective
+    from .trainer import TrainConfig, train
+    from .trajectories import load, teacher_outputs
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    manifest, records = load(traj, r.block_size, tok)
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="float32")
+    objective = DrafterObjective(teacher_outputs(records, manifest["eos_ids"]), model,
+                                 tok.pad_token_id, r.max_len)
+    drafter = build_drafter(kind, model, **drafter_options(kind, r))
+    cfg = TrainConfig(out_dir=str(out), steps=r.cllm_steps, batch_size=r.cllm_batch,
+                      lr=r.drafter_lr, warmup_steps=r.cllm_steps // 20, seed=r.seed,
+                      save_every=50, resume=True, progress=progress,
+                      extra={"objective": kind, "sequences": objective.num_samples,
+                             **drafter_options(kind, r)})
+    with _budget(out, kind, r, drafter):
+        train(drafter, None, objective, cfg)
 
 
 def perplexity(model_dir: Path, records: list[dict], max_len: int) -> float:
@@ -211,13 +274,13 @@ def perplexity(model_dir: Path, records: list[dict], max_len: int) -> float:
     return math.exp(nll / count)
 
 
-STAGES = ("data", "tokenizer", "teacher", "trajectories", "cllm", "eval")
+STAGES = ("data", "tokenizer", "teacher", "trajectories", "cllm", *DRAFTERS, "eval")
 
 
 EvalStage = Callable[[Path, Path, dict, TinyRecipe], None]
-"""``(stage_dir, data_dir, {"teacher": path, "CLLM": path}, recipe)``: the ``eval`` stage,
-which runs the models in vLLM (:func:`cllm_vllm.evaluation.recipe_eval_stage`); training
-never imports the serving side."""
+"""``(stage_dir, data_dir, {"teacher": path, "CLLM": path, "medusa": path, ...}, recipe)``:
+the ``eval`` stage, which runs the models in vLLM
+(:func:`cllm_vllm.evaluation.recipe_eval_stage`); training never imports the serving side."""
 
 
 def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
@@ -238,7 +301,10 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
         "teacher": lambda d: stage_teacher(d, data, tok, r, progress),
         "trajectories": lambda d: stage_trajectories(d, data, teacher, r, progress),
         "cllm": lambda d: stage_cllm(d, data, teacher, traj, r, progress),
-        "eval": lambda d: eval_stage(d, data, {"teacher": teacher, "CLLM": cllm}, r),
+        **{k: (lambda d, k=k: stage_drafter(k, d, teacher, traj, r, progress))
+           for k in DRAFTERS},
+        "eval": lambda d: eval_stage(d, data, {"teacher": teacher, "CLLM": cllm,
+                                               **{k: out / k for k in DRAFTERS}}, r),
     }
     for name in STAGES[: STAGES.index(until) + 1]:
         target = out / name
@@ -254,17 +320,19 @@ def run(out: str | Path, recipe: TinyRecipe | None = None, until: str = "eval",
 
 
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "README.md")
+                 "tokenizer_config.json", "chat_template.jinja", "README.md", "budget.json")
 
 
 def ship(out: Path, dest: Path) -> None:
-    """Copy the finished teacher and CLLM (weights, tokenizer, card) into ``dest``."""
+    """Copy the finished teacher, CLLM and drafters (weights, tokenizer, card) into ``dest``."""
     import shutil
 
     out = Path(out)
     if not (out / "eval" / ".done").exists():
         raise RuntimeError(f"{out}: the recipe has not finished (no eval/.done)")
-    for name, target in (("teacher", "tiny-teacher"), ("cllm", "tiny-cllm")):
+    shipped = [("teacher", "tiny-teacher"), ("cllm", "tiny-cllm"),
+               *((k, f"tiny-{k}") for k in DRAFTERS)]
+    for name, target in shipped:
         (dest / target).mkdir(parents=True, exist_ok=True)
         for f in SHIPPED_FILES:
             if (out / name / f).exists():

@@ -355,3 +355,17 @@ def block_samples(records: list[dict], eos_ids=()) -> list:
                                    valid_len=hits[0] + 1 if hits else None))
             prefix.extend(fixed)
     return out
+
+
+def teacher_outputs(records: list[dict], eos_ids=()) -> list[tuple[list[int], list[int]]]:
+    """``(prompt, teacher output)`` per record: its blocks' fixed points, up to and with
+    the first EOS. What drafters that imitate the teacher train on."""
+    eos_ids = set(eos_ids)
+    pairs = []
+    for rec in records:
+        out: list[int] = []
+        for states in rec["blocks"]:
+            out.extend(states[-1])
+        hits = [i for i, t in enumerate(out) if t in eos_ids]
+        pairs.append((rec["prompt"], out[: hits[0] + 1] if hits else out))
+    return pairs
