@@ -67,7 +67,7 @@ LABELS = {"ar": "AR", "ar-cllm": "AR (CLLM)", "ngram": "n-gram", "jacobi-teacher
 JACOBI_K = 16
 SWEEP = {"ngram": (2, 4, 8), "medusa": (2, 3, 4), "eagle": (2, 3, 4, 5),
          "eagle3": (2, 3, 4, 5)}
-SWEEP_PROMPTS, SWEEP_C = 16, 8
+SWEEP_PROMPTS, SWEEP_C, SWEEP_ROUNDS = 16, 8, 3
 QUICK_K = {"ngram": 4, "medusa": 4, "eagle": 3, "eagle3": 3}
 CONCURRENCY = (1, 8, 32, 64)
 QUICK_CONCURRENCY = (1, 8)
@@ -76,7 +76,7 @@ TURNS = 3
 # AR here), so few; at high c enough for several batches' worth of requests.
 PROMPTS = {1: 16, 8: 32, 32: 64, 64: 128}
 RATES = (8.0, float("inf"))
-ONLINE_PROMPTS = 64
+ONLINE_PROMPTS = 48
 ONLINE_TURNS = 2
 WARMUP = 8
 
@@ -325,6 +325,9 @@ def write(out: Path, meta: dict, runs: list[dict], online_runs: list[dict]) -> t
 
 # -- offline ------------------------------------------------------------------------------
 
+_LIVE: list = []
+
+
 def build_engines(methods, ks: dict, max_seqs: int, warm_prompts) -> tuple[dict, dict]:
     from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_TEACHER, run_batches, spec_engine
 
@@ -337,33 +340,39 @@ def build_engines(methods, ks: dict, max_seqs: int, warm_prompts) -> tuple[dict,
         run_batches(llm, warm[:2], 8, 1)
         run_batches(llm, (warm * max_seqs)[:max_seqs], 8, max_seqs)
         engines[m], rss[m] = llm, round(rss_mib() - before, 1)
+        _LIVE.append(llm)  # in-process engines share vLLM's global state: never drop one
         print(f"[engine] {m} (k={ks.get(m)}) ready in {time.perf_counter() - t0:.0f}s, "
               f"+{rss[m]:.0f} MiB", flush=True)
     return engines, rss
 
 
 def sweep(methods, prompts, quick: bool) -> tuple[dict, list[dict], dict, dict]:
-    """Best k per swept method by output tokens/s; returns (k, runs, engines, rss)."""
+    """Best k per swept method by output tokens/s; returns (k, runs, engines, rss).
+
+    Every candidate's engine is built first; then ``SWEEP_ROUNDS`` rounds run the
+    candidates back to back in a rotated order, and each is judged by its tokens over
+    its time summed over the rounds (one short run per candidate was noise-bound here).
+    """
     from cllm_vllm.evaluation import MAX_TOKENS, run_batches
 
     chosen, runs, engines, rss = {}, [], {}, {}
     for m in [m for m in methods if m in SWEEP]:
         cands = (QUICK_K[m],) if quick else SWEEP[m]
-        best = None
+        built = {k: build_engines([m], {m: k}, max(CONCURRENCY), prompts["warm"])
+                 for k in cands}
+        toks, secs = dict.fromkeys(cands, 0), dict.fromkeys(cands, 0.0)
+        for rnd in range(1 if quick else SWEEP_ROUNDS):
+            for k in cands[rnd % len(cands):] + cands[:rnd % len(cands)]:
+                for d in prompts["domains"]:
+                    ps = prompts["teacher", d][:SWEEP_PROMPTS // (4 if quick else 1)]
+                    outs, t = run_batches(built[k][0][m], ps, MAX_TOKENS[d], SWEEP_C)
+                    toks[k] += sum(len(o.outputs[0].token_ids) for o in outs)
+                    secs[k] += t
         for k in cands:
-            eng, r = build_engines([m], {m: k}, max(CONCURRENCY), prompts["warm"])
-            toks, secs = 0, 0.0
-            for d in prompts["domains"]:
-                ps = prompts["teacher", d][:SWEEP_PROMPTS // (4 if quick else 1)]
-                outs, s = run_batches(eng[m], ps, MAX_TOKENS[d], SWEEP_C)
-                toks += sum(len(o.outputs[0].token_ids) for o in outs)
-                secs += s
-            runs.append({"method": m, "k": k, "tok_s": round(toks / secs, 1)})
-            print(f"[sweep] {m} k={k}: {toks / secs:.0f} tok/s", flush=True)
-            if best is None or toks / secs > best[0]:
-                best = (toks / secs, k)
-                engines[m], rss[m] = eng[m], r[m]
-        chosen[m] = best[1]
+            runs.append({"method": m, "k": k, "tok_s": round(toks[k] / secs[k], 1)})
+            print(f"[sweep] {m} k={k}: {toks[k] / secs[k]:.0f} tok/s", flush=True)
+        chosen[m] = max(cands, key=lambda k: toks[k] / secs[k])
+        engines[m], rss[m] = built[chosen[m]][0][m], built[chosen[m]][1][m]
     return chosen, runs, engines, rss
 
 
@@ -431,10 +440,10 @@ def online(args, methods, meta) -> list[dict]:
     out_dir = args.out / "online"
     out_dir.mkdir(parents=True, exist_ok=True)
     datasets = {(t, d): serve_load.heldout_dataset(out_dir / f"heldout_{t}_{d}.json",
-                                                   paths[t], d, ONLINE_PROMPTS)
+                                                   paths[t], d, args.online_prompts)
                 for t in paths for d in args.domains}
     runs, texts = [], {}
-    for turn in range(ONLINE_TURNS):
+    for turn in range(args.online_turns):
         order = methods if turn % 2 == 0 else methods[::-1]
         for m in order:
             spec = meta["speculative_configs"][m]
@@ -443,7 +452,7 @@ def online(args, methods, meta) -> list[dict]:
                                                 out_dir / f"server_{m}.log")
             try:
                 for d in args.domains:
-                    bench_args = argparse.Namespace(domain=d, num_prompts=ONLINE_PROMPTS,
+                    bench_args = argparse.Namespace(domain=d, num_prompts=args.online_prompts,
                                                     concurrency=None)
                     warm = argparse.Namespace(domain=d, num_prompts=4, concurrency=None)
                     serve_load.bench_rate(url, paths[target_of(m)], datasets[target_of(m), d],
@@ -456,7 +465,7 @@ def online(args, methods, meta) -> list[dict]:
                                                     percentiles="ttft,tpot,itl")
                         texts[turn, d, rate, m] = res.get("generated_texts")
                         row = {"turn": turn, "domain": d, "rate": rate, "method": m,
-                               "k": meta["k"][m], "prompts": ONLINE_PROMPTS,
+                               "k": meta["k"][m], "prompts": args.online_prompts,
                                "tok_s": res["output_throughput"],
                                "tpot_p50_ms": res.get("p50_tpot_ms"),
                                "tpot_p99_ms": res.get("p99_tpot_ms"),
@@ -487,6 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=None)
     ap.add_argument("--turns", type=int, default=None, help=f"default {TURNS}")
     ap.add_argument("--no-online", action="store_true", help="skip the vllm serve runs")
+    ap.add_argument("--online-prompts", type=int, default=ONLINE_PROMPTS)
+    ap.add_argument("--online-turns", type=int, default=ONLINE_TURNS)
     ap.add_argument("--quick", action="store_true",
                     help="c = 1 and 8, 4 prompts per run, 1 turn, no k sweep, no online")
     ap.add_argument("--out", type=Path, default=None,
@@ -524,8 +535,11 @@ def main(argv=None) -> int:
                 ap.error(f"{d}: {len(prompts[t, d])} held-out prompts, need {n_max + WARMUP}")
         prompts["warm"][t] = prompts[t, args.domains[0]][-WARMUP:]
     meta, runs = offline(args, methods, prompts, conc, turns, n_prompts)
+    plot(write(args.out, meta, runs, [])[0], args.out)  # kept if the online part fails
     online_runs = []
     if not (q or args.no_online):
+        meta.update(online_prompts=args.online_prompts, online_turns=args.online_turns,
+                    rates=RATES)
         online_runs = online(args, methods, meta)
     meta["total_s"] = round(time.perf_counter() - t0, 1)
     summary, online_summary = write(args.out, meta, runs, online_runs)

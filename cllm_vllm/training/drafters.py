@@ -111,6 +111,21 @@ class TeacherFeatures:
         self.lm_head = teacher.get_output_embeddings().weight.detach()
 
 
+class _VLLMExport:
+    """``save_pretrained`` as the trainer calls it (checkpoints and the final model), in
+    vLLM's format: the module's own tensor names and ``vllm_config()``."""
+
+    def save_pretrained(self, out_dir, state_dict=None, safe_serialization=True, **_):
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps(self.vllm_config(), indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------
 # Medusa
 
@@ -129,7 +144,7 @@ class _ResidualBlock(nn.Module):
         return x
 
 
-class MedusaHeads(nn.Module):
+class MedusaHeads(_VLLMExport, nn.Module):
     """Medusa-1 heads: ``blocks.{h}.layers.{l}.weight``, ``lm_heads.{h}.weight``."""
 
     kind = "medusa"
@@ -239,7 +254,7 @@ class _DraftLayer(nn.Module):
         self.mlp = _MLP(cfg)
 
 
-class _ChainDrafter(nn.Module):
+class _ChainDrafter(_VLLMExport, nn.Module):
     """Shared unrolled training of EAGLE-1/EAGLE-3 (see the module docstring)."""
 
     aux_layers: tuple[int, ...] = ()
@@ -249,12 +264,20 @@ class _ChainDrafter(nn.Module):
         self.teacher_config = teacher_config
         self.steps, self.decay = steps, decay
 
-    # Subclasses: the first step's hidden input, the layer's attention input and residual,
-    # and the step's (logits input, next hidden input).
-    def first_hidden(self, feats): raise NotImplementedError
-    def layer_input(self, embeds, hidden): raise NotImplementedError
-    def layer_output(self, x, residual): raise NotImplementedError
-    def logits(self, out, feats): raise NotImplementedError
+    def first_hidden(self, feats):
+        """The first draft step's hidden input, from the teacher."""
+        raise NotImplementedError
+
+    def layer_input(self, embeds, hidden):
+        """``(attention input, residual)`` of the decoder layer."""
+        raise NotImplementedError
+
+    def layer_output(self, x, feats):
+        """``(what the LM head reads, the next draft step's hidden input)``."""
+        raise NotImplementedError
+
+    def lm_head_weight(self, feats):
+        raise NotImplementedError
 
     def forward(self, feats: TeacherFeatures, ids, loss_mask):
         """Per-sample losses and per-step top-1 accuracy on the teacher's output."""
@@ -288,6 +311,19 @@ class _ChainDrafter(nn.Module):
 
     def step_loss(self, token_loss, next_hidden, feats, loss_mask):
         return token_loss
+
+
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                 "max_position_embeddings", "rope_parameters", "rope_theta", "attention_bias",
+                 "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _llama_fields(cfg) -> dict:
+    """The one-layer draft's Llama config: the teacher's shapes, nothing of its origin."""
+    out = {k: getattr(cfg, k) for k in _LLAMA_FIELDS if getattr(cfg, k, None) is not None}
+    return {"model_type": "llama", **out, "num_hidden_layers": 1,
+            "tie_word_embeddings": False, "dtype": "float32"}
 
 
 class EagleDrafter(_ChainDrafter):
@@ -327,9 +363,7 @@ class EagleDrafter(_ChainDrafter):
         return self.regression_weight * reg + self.token_weight * token_loss
 
     def vllm_config(self) -> dict:
-        cfg = {k: v for k, v in self.teacher_config.to_dict().items()
-               if k not in ("architectures", "num_hidden_layers", "transformers_version")}
-        return {**cfg, "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
+        return {**_llama_fields(self.teacher_config), "architectures": ["LlamaForCausalLM"]}
 
 
 class Eagle3Drafter(_ChainDrafter):
@@ -370,29 +404,12 @@ class Eagle3Drafter(_ChainDrafter):
         return self.lm_head.weight
 
     def vllm_config(self) -> dict:
-        cfg = {k: v for k, v in self.teacher_config.to_dict().items()
-               if k not in ("architectures", "num_hidden_layers", "transformers_version")}
-        return {**cfg, "architectures": ["Eagle3LlamaForCausalLM"], "num_hidden_layers": 1,
+        return {**_llama_fields(self.teacher_config),
+                "architectures": ["Eagle3LlamaForCausalLM"],
                 "draft_vocab_size": self.teacher_config.vocab_size,
                 "target_hidden_size": self.teacher_config.hidden_size,
                 "eagle_aux_hidden_state_layer_ids": list(self.aux_layers),
-                "norm_before_residual": False, "tie_word_embeddings": False}
-
-
-def _save_pretrained(self, out_dir, state_dict=None, safe_serialization=True, **_):
-    """What the trainer calls for checkpoints and the final export: vLLM's format."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = state_dict if state_dict is not None else self.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(self.vllm_config(), indent=2) + "\n")
-
-
-for _cls in (MedusaHeads, EagleDrafter, Eagle3Drafter):
-    _cls.save_pretrained = _save_pretrained
+                "norm_before_residual": False}
 
 
 def build_drafter(kind: str, teacher, **options) -> nn.Module:
