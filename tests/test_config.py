@@ -93,8 +93,12 @@ def test_llm_refuses_bad_config_before_engine_start(models, kwargs, match):
 
 @pytest.mark.engine
 def test_llm_refuses_the_v2_runner_before_engine_start(models, monkeypatch):
+    import vllm.envs
     from vllm import LLM
 
+    # An engine started earlier in this process froze vLLM's env reads (enable_envs_cache);
+    # a user's process sets the variable before any engine.
+    vllm.envs.disable_envs_cache()
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
         LLM(str(models["llama"]), max_model_len=512, speculative_config={"method": "jacobi"})
