@@ -1,7 +1,7 @@
 """Every speculative method on the same teacher, in the same vLLM engine: AR, vLLM's n-gram,
 Jacobi (teacher and CLLM), Medusa, EAGLE and EAGLE-3; offline and online.
 
-    python benchmarks/methods.py            # the full run (`make bench`), ~45 minutes here
+    python benchmarks/methods.py            # the full run (`make bench`), ~40 minutes here
     python benchmarks/methods.py --quick    # smoke test: c = 1 and 8, few prompts, no sweep
     python benchmarks/methods.py --render benchmarks/results/methods/methods.json
 
@@ -90,7 +90,7 @@ def reference_of(method: str) -> str:
 
 
 def speculative_config(method: str, k: int | None) -> dict | None:
-    from cllm_vllm.evaluation import DRAFTERS, drafter_spec
+    from cllm_vllm.evaluation import BUNDLED_DRAFTERS, drafter_spec
 
     if method in ("ar", "ar-cllm"):
         return None
@@ -100,15 +100,15 @@ def speculative_config(method: str, k: int | None) -> dict | None:
     if method.startswith("jacobi"):
         return {"method": "jacobi", "num_speculative_tokens": JACOBI_K,
                 "adaptive": not method.endswith("fixed")}
-    return drafter_spec(method, DRAFTERS[method], k)
+    return drafter_spec(method, BUNDLED_DRAFTERS[method], k)
 
 
 def method_costs(method: str) -> dict:
     """Parameters served beside the teacher, parameters trained and training minutes, from
     the trained model's ``budget.json`` (the CLLM replaces the teacher: nothing extra)."""
-    from cllm_vllm.evaluation import BUNDLED_CLLM, DRAFTERS
+    from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_DRAFTERS
 
-    path = DRAFTERS.get(method) or (BUNDLED_CLLM if "cllm" in method else None)
+    path = BUNDLED_DRAFTERS.get(method) or (BUNDLED_CLLM if "cllm" in method else None)
     if path is None:
         return {"extra_params": 0, "trained_params": 0, "train_min": 0.0}
     b = json.loads((path / "budget.json").read_text())

@@ -86,7 +86,7 @@ def spec_engine(model: Path, spec: dict | None, max_num_seqs: int = 32):
     return LLM(str(model), **kwargs)
 
 
-DRAFTERS = {"medusa": BUNDLED / "tiny-medusa", "eagle": BUNDLED / "tiny-eagle",
+BUNDLED_DRAFTERS = {"medusa": BUNDLED / "tiny-medusa", "eagle": BUNDLED / "tiny-eagle",
             "eagle3": BUNDLED / "tiny-eagle3"}
 """The bundled baselines' drafters for the bundled teacher (``cllm-vllm recipe tiny``)."""
 DRAFTER_K = {"medusa": 4, "eagle": 3, "eagle3": 3}
@@ -233,8 +233,8 @@ def recipe_eval_stage(out: Path, data: Path, models: dict[str, Path],
     """The recipe's ``eval`` stage: perplexity (HF), tokens/step, speed, exactness and
     accuracy (vLLM); model cards. Passed to :func:`cllm_vllm.training.recipe.run`, which
     needs no vLLM itself."""
-    drafters = {k: v for k, v in models.items() if k in DRAFTERS}
-    models = {k: v for k, v in models.items() if k not in DRAFTERS}
+    drafters = {k: v for k, v in models.items() if k in BUNDLED_DRAFTERS}
+    models = {k: v for k, v in models.items() if k not in BUNDLED_DRAFTERS}
     results: dict = {"perplexity": {}}
     for name, path in models.items():
         results["perplexity"][name] = {

@@ -14,7 +14,7 @@ import torch
 from conftest import engine
 from safetensors.torch import load_file
 
-from cllm_vllm.evaluation import BUNDLED_TEACHER, DRAFTER_K, DRAFTERS, drafter_spec
+from cllm_vllm.evaluation import BUNDLED_TEACHER, DRAFTER_K, BUNDLED_DRAFTERS, drafter_spec
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +60,7 @@ def _parameters(wrapper):
 def engines():
     with engine(BUNDLED_TEACHER, max_model_len=1024, max_num_seqs=16) as ar:
         out = {"ar": ar}
-        for kind, path in DRAFTERS.items():
+        for kind, path in BUNDLED_DRAFTERS.items():
             with engine(BUNDLED_TEACHER, max_model_len=1024, max_num_seqs=16,
                         speculative_config=drafter_spec(kind, path, DRAFTER_K[kind]),
                         per_request_spec_decode_metrics="summary") as llm:
@@ -68,10 +68,10 @@ def engines():
         yield out
 
 
-@pytest.mark.parametrize("kind", list(DRAFTERS))
+@pytest.mark.parametrize("kind", list(BUNDLED_DRAFTERS))
 def test_vllm_loads_every_shipped_tensor_and_nothing_stays_random(engines, kind):
     drafter, target = engines[kind].collective_rpc(_parameters)[0]
-    shipped = load_file(str(DRAFTERS[kind] / "model.safetensors"))
+    shipped = load_file(str(BUNDLED_DRAFTERS[kind] / "model.safetensors"))
     stacks: dict[str, list] = {}
     for name, tensor in shipped.items():
         dest, pos = vllm_name(kind, name)
@@ -96,7 +96,7 @@ def test_vllm_loads_every_shipped_tensor_and_nothing_stays_random(engines, kind)
         torch.testing.assert_close(param, source, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", list(DRAFTERS))
+@pytest.mark.parametrize("kind", list(BUNDLED_DRAFTERS))
 def test_drafters_give_ars_output_with_real_acceptance(engines, kind):
     from transformers import AutoTokenizer
 
