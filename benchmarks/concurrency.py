@@ -97,15 +97,10 @@ def speculative_configs(methods, k: int = K) -> dict[str, dict | None]:
 
 
 def make_engine(model: Path, spec: dict | None, max_num_seqs: int):
-    """The demo's engine settings (``cllm_vllm.evaluation.engine``), room for ``max_num_seqs``."""
-    from vllm import LLM
+    """The demo's engine settings (``cllm_vllm.evaluation.spec_engine``)."""
+    from cllm_vllm.evaluation import spec_engine
 
-    kwargs = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=256 * 2**20, max_num_seqs=max_num_seqs,
-                  disable_log_stats=False)
-    if spec is not None:
-        kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
-    return LLM(str(model), **kwargs)
+    return spec_engine(model, spec, max_num_seqs)
 
 
 def run_groups(llm, prompts, max_tokens: int, c: int):
@@ -269,6 +264,26 @@ def format_table(summary: list[dict], note: bool = True) -> str:
     return "\n".join(lines)
 
 
+def ratio_line(ax, rows: list[dict], **style) -> None:
+    """Median ratio to AR against c, its range over turns as error bars."""
+    ax.errorbar([r["c"] for r in rows], [r["vs_ar"] for r in rows],
+                yerr=[[r["vs_ar"] - r["vs_ar_min"] for r in rows],
+                      [r["vs_ar_max"] - r["vs_ar"] for r in rows]], capsize=3, **style)
+
+
+def speedup_axis(ax, cs: list[int], title: str) -> None:
+    """Concurrency on a log2 x axis, ratios on a log2 y axis with a line at 1.0x: 0.5x and
+    2x lie equally far from 1, and one stray turn does not flatten the rest."""
+    import matplotlib.ticker
+
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set(title=title, xlabel="concurrency (requests in flight)")
+
+
 def plot(summary: list[dict], path: Path) -> None:
     """Speed-up over AR (median, range as error bars) against c, log2 x axis; one panel
     per domain, one line per model x Jacobi method, a dashed line at 1.0."""
@@ -276,7 +291,6 @@ def plot(summary: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     models, domains = _order(summary)
     jac = [m for m in dict.fromkeys(r["method"] for r in summary) if m != "ar"]
@@ -289,22 +303,10 @@ def plot(summary: list[dict], path: Path) -> None:
                 rs = sorted((r for r in summary if r["model"] == model and r["domain"] == domain
                              and r["method"] == m and r["vs_ar"] is not None),
                             key=lambda r: r["c"])
-                if not rs:
-                    continue
-                ax.errorbar([r["c"] for r in rs], [r["vs_ar"] for r in rs],
-                            yerr=[[r["vs_ar"] - r["vs_ar_min"] for r in rs],
-                                  [r["vs_ar_max"] - r["vs_ar"] for r in rs]],
-                            fmt=styles.get(m, "^-."), color=f"C{i}", capsize=3,
-                            label=f"{model}, {m}")
-        ax.axhline(1.0, color="grey", ls="--", lw=1)
-        ax.set_xscale("log", base=2)
-        cs = sorted(dict.fromkeys(r["c"] for r in summary))
-        ax.set_xticks(cs, [str(c) for c in cs])
-        # Ratios on a log axis: 0.5x and 2x equally far from 1, and one stray turn does
-        # not flatten the rest.
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set(title=domain, xlabel="concurrency (requests in flight)")
+                if rs:
+                    ratio_line(ax, rs, fmt=styles.get(m, "^-."), color=f"C{i}",
+                               label=f"{model}, {m}")
+        speedup_axis(ax, sorted(dict.fromkeys(r["c"] for r in summary)), domain)
     axes[0][0].set_ylabel("Jacobi / AR output tok/s\n(median over turns, range; log)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()

@@ -55,7 +55,7 @@ from statistics import median
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from concurrency import step_stats  # noqa: E402
+from concurrency import ratio_line, speedup_axis, step_stats  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "methods"
 METHODS = ("ar", "ar-cllm", "ngram", "jacobi-teacher", "jacobi-cllm-fixed", "jacobi-cllm",
@@ -265,7 +265,6 @@ def plot(summary: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     domains = list(dict.fromkeys(r["domain"] for r in summary))
     methods = [m for m in METHODS if m not in ("ar", "ar-cllm")
@@ -276,18 +275,9 @@ def plot(summary: list[dict], out: Path) -> None:
         for i, m in enumerate(methods):
             rs = sorted((r for r in summary if (r["domain"], r["method"]) == (domain, m)
                          and r["vs_ar"] is not None), key=lambda r: r["c"])
-            ax.errorbar([r["c"] for r in rs], [r["vs_ar"] for r in rs],
-                        yerr=[[r["vs_ar"] - r["vs_ar_min"] for r in rs],
-                              [r["vs_ar_max"] - r["vs_ar"] for r in rs]],
-                        fmt="o-" if "jacobi" in m else "s--", color=f"C{i}", capsize=3,
-                        label=LABELS[m])
-        ax.axhline(1.0, color="grey", ls="--", lw=1)
-        ax.set_xscale("log", base=2)
-        cs = sorted(dict.fromkeys(r["c"] for r in summary))
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set(title=domain, xlabel="concurrency (requests in flight)")
+            ratio_line(ax, rs, fmt="o-" if "jacobi" in m else "s--", color=f"C{i}",
+                       label=LABELS[m])
+        speedup_axis(ax, sorted(dict.fromkeys(r["c"] for r in summary)), domain)
     axes[0][0].set_ylabel("output tok/s over AR of the same model\n(median, range; log)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
@@ -325,9 +315,6 @@ def write(out: Path, meta: dict, runs: list[dict], online_runs: list[dict]) -> t
 
 # -- offline ------------------------------------------------------------------------------
 
-_LIVE: list = []
-
-
 def build_engines(methods, ks: dict, max_seqs: int, warm_prompts) -> tuple[dict, dict]:
     from cllm_vllm.evaluation import BUNDLED_CLLM, BUNDLED_TEACHER, run_batches, spec_engine
 
@@ -340,7 +327,6 @@ def build_engines(methods, ks: dict, max_seqs: int, warm_prompts) -> tuple[dict,
         run_batches(llm, warm[:2], 8, 1)
         run_batches(llm, (warm * max_seqs)[:max_seqs], 8, max_seqs)
         engines[m], rss[m] = llm, round(rss_mib() - before, 1)
-        _LIVE.append(llm)  # in-process engines share vLLM's global state: never drop one
         print(f"[engine] {m} (k={ks.get(m)}) ready in {time.perf_counter() - t0:.0f}s, "
               f"+{rss[m]:.0f} MiB", flush=True)
     return engines, rss

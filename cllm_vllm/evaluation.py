@@ -74,8 +74,16 @@ def engine(model: Path, k: int | None, fill: str | None, adaptive: bool = False)
     return spec_engine(model, spec)
 
 
+_LIVE: list = []
+
+
 def spec_engine(model: Path, spec: dict | None, max_num_seqs: int = 32):
-    """The evaluation's engine settings with any ``speculative_config`` (None: AR)."""
+    """The evaluation's engine settings with any ``speculative_config`` (None: AR).
+
+    In-process engines share vLLM's process-global state: shutting one down (or letting
+    it be collected) breaks the others. They are small; each is kept until the process
+    ends.
+    """
     from vllm import LLM
 
     kwargs = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
@@ -83,7 +91,9 @@ def spec_engine(model: Path, spec: dict | None, max_num_seqs: int = 32):
                   disable_log_stats=False)
     if spec is not None:
         kwargs.update(speculative_config=spec, per_request_spec_decode_metrics="summary")
-    return LLM(str(model), **kwargs)
+    llm = LLM(str(model), **kwargs)
+    _LIVE.append(llm)
+    return llm
 
 
 BUNDLED_DRAFTERS = {"medusa": BUNDLED / "tiny-medusa", "eagle": BUNDLED / "tiny-eagle",
@@ -165,13 +175,7 @@ def evaluate(models: dict[str, Path], domains=DOMAINS, n_prompts: int = 32, k: i
                                 round(sum(len(x) for x in ids32) / t32, 1), match,
                                 None if acc is None else round(acc, 3), n_tok,
                                 outs1[0].outputs[0].text))
-            # In-process engines share vLLM's process-global state: shutting one down
-            # breaks the next. They are small; keep them until the process ends.
-            _LIVE.append(llm)
     return rows
-
-
-_LIVE: list = []
 
 
 def evaluate_drafters(teacher: Path, drafters: dict[str, Path], domains=DOMAINS,
@@ -190,7 +194,6 @@ def evaluate_drafters(teacher: Path, drafters: dict[str, Path], domains=DOMAINS,
     for kind, path in [("AR", None), *drafters.items()]:
         llm = spec_engine(teacher, None if path is None else
                           drafter_spec(kind, path, ks[kind]))
-        _LIVE.append(llm)
         run_batches(llm, prompts[domains[0]][:2], 8, 1)  # warm-up
         for d in domains:
             outs1, t1 = run_batches(llm, prompts[d], MAX_TOKENS[d], 1)
@@ -240,22 +243,22 @@ def recipe_eval_stage(out: Path, data: Path, models: dict[str, Path],
         results["perplexity"][name] = {
             d: round(perplexity(path, read_jsonl(data / f"{f}_test.jsonl"), r.max_len), 3)
             for d, f in (("arithmetic", "arith"), ("sharegpt", "chat"))}
-    rows = evaluate(models, n_prompts=r.eval_prompts, k=r.block_size,
-                    accuracy_prompts=r.arith_test)
-    results["rows"] = [asdict(x) for x in rows]
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
-    table = format_table(rows)
-    (out / "eval.md").write_text(table + "\n")
-    print(table)
+
+    def record(key: str, rows: list[Row], md: str) -> str:
+        results[key] = [asdict(x) for x in rows]
+        (out / "eval.json").write_text(json.dumps(results, indent=1))
+        table = format_table(rows)
+        (out / md).write_text(table + "\n")
+        print(table)
+        return table
+
+    table = record("rows", evaluate(models, n_prompts=r.eval_prompts, k=r.block_size,
+                                    accuracy_prompts=r.arith_test), "eval.md")
     for name, path in models.items():
         write_model_card(path, name, r, results, table)
     if drafters:
         rows = evaluate_drafters(models["teacher"], drafters, n_prompts=r.eval_prompts)
-        results["drafter_rows"] = [asdict(x) for x in rows]
-        (out / "eval.json").write_text(json.dumps(results, indent=1))
-        table = format_table(rows)
-        (out / "eval_drafters.md").write_text(table + "\n")
-        print(table)
+        table = record("drafter_rows", rows, "eval_drafters.md")
         for kind, path in drafters.items():
             write_drafter_card(path, kind, r, rows, table)
 
