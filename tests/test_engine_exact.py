@@ -121,13 +121,42 @@ def test_block_sizes(models, reference, k):
             assert acc.drafted == pytest.approx(acc.steps * k, rel=0.2)
 
 
-def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models):
+class StepClock:
+    """A clock on which an engine step costs ``fixed + per_token * tokens`` seconds.
+
+    The policy's choices rest on measured step times; a test about what it does with
+    acceptance must not hinge on how busy the machine is (a stall or a slow phase makes
+    guesses look dear, and the policy rightly stops sending them for a while).
+    """
+
+    def __init__(self, fixed: float = 2e-3, per_token: float = 1e-4) -> None:
+        self.fixed, self.per_token, self.now = fixed, per_token, 0.0
+
+    def install(self, monkeypatch) -> None:
+        import types
+
+        from cllm_vllm import proposer
+
+        real = proposer.JacobiProposer.step_started
+
+        def step_started(drafter, num_tokens, num_guesses, continuing):
+            # The step that ends now ran the tokens the drafter recorded at its start.
+            self.now += self.fixed + self.per_token * drafter._step_tokens
+            real(drafter, num_tokens, num_guesses, continuing)
+
+        monkeypatch.setattr(proposer.JacobiProposer, "step_started", step_started)
+        monkeypatch.setattr(proposer, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+
+def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models, monkeypatch):
     """Two requests share every step: a greedy one on a repeating continuation (its
     guesses land) and one sampled at a high temperature (its guesses almost never do).
-    The first keeps drafting; the second soon drafts nothing, whatever the step costs."""
+    The first keeps drafting; the second soon drafts nothing, although guesses are cheap
+    (steps timed on a :class:`StepClock`)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    StepClock().install(monkeypatch)
     prompts = repetitive_prompts(2, seed=31)
     params = [greedy(max_tokens=160),
               # Unseeded: a seeded request drafts the full block (its random stream must
