@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_args(sub.add_parser(
         "demo", help="the bundled teacher and CLLM in vLLM: AR vs Jacobi, one table"))
+    from cllm_vllm import generate
+
+    generate.add_args(sub.add_parser(
+        "generate", help="offline batch generation with Jacobi decoding (JSONL in and "
+                         "out; --ray for replicas on a Ray cluster)"))
     recipe = sub.add_parser("recipe", help="build the bundled models from scratch")
     recipe.add_argument("name", choices=["tiny"])
     recipe.add_argument("--out", default="recipe-out/tiny",
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return check()
     if args.command == "demo":
         return demo.main(args)
+    if args.command == "generate":
+        return generate.main(args)
     if args.command == "recipe":
         from cllm_vllm.evaluation import BUNDLED, recipe_eval_stage
         from cllm_vllm.training import recipe as recipe_mod

@@ -50,6 +50,8 @@ def to_vllm_speculative_config(
     max_model_len: int | None,
     async_scheduling: bool | None = None,
     v2_model_runner: bool | None = None,
+    executor_backend: Any = None,
+    cpu_platform: bool = False,
 ) -> tuple[dict[str, Any], JacobiOptions]:
     """Validate a Jacobi speculative config and translate it for vLLM.
 
@@ -86,6 +88,15 @@ def to_vllm_speculative_config(
             "'custom_class'), and VLLM_USE_V2_MODEL_RUNNER=1 asks for it. Unset "
             "VLLM_USE_V2_MODEL_RUNNER (vLLM then picks V1 for custom drafters)."
         )
+    if cpu_platform and _is_ray(executor_backend):
+        raise ValueError(
+            "Jacobi decoding on CPU cannot use distributed_executor_backend='ray': vLLM "
+            "0.32's Ray executor does not support the CPU platform (it fails once Ray has "
+            "started). On CPU, use the multiprocessing executor for tensor parallelism on "
+            "one machine (--distributed-executor-backend mp --tensor-parallel-size N, with "
+            "VLLM_CPU_OMP_THREADS_BIND set), and Ray for replicas (`cllm-vllm generate "
+            "--ray`); the Ray executor is for GPU clusters."
+        )
     if async_scheduling:
         raise ValueError(
             "Jacobi decoding cannot run with async_scheduling=True: vLLM 0.32 overlaps "
@@ -100,6 +111,13 @@ def to_vllm_speculative_config(
         **{key: spec[key] for key in PASSTHROUGH_KEYS if key in spec},
     }
     return vllm_spec, JacobiOptions(fill=fill, adaptive=adaptive)
+
+
+def _is_ray(backend: Any) -> bool:
+    """vLLM takes the backend as a name or as an executor class."""
+    if isinstance(backend, str):
+        return backend == "ray"
+    return backend is not None and "Ray" in getattr(backend, "__name__", "")
 
 
 def attach_options(spec_config: Any, options: JacobiOptions) -> None:

@@ -160,6 +160,7 @@ def install_config_hook() -> None:
     def make(original):
         def create_speculative_config(self, target_model_config, target_parallel_config):
             import vllm.envs as envs
+            from vllm.platforms import current_platform
 
             user_spec = self.speculative_config
             if not jcfg.is_jacobi(user_spec):
@@ -169,6 +170,8 @@ def install_config_hook() -> None:
                 max_model_len=target_model_config.max_model_len,
                 async_scheduling=self.async_scheduling,
                 v2_model_runner=envs.VLLM_USE_V2_MODEL_RUNNER,
+                executor_backend=target_parallel_config.distributed_executor_backend,
+                cpu_platform=current_platform.is_cpu(),
             )
             self.speculative_config = vllm_spec
             try:

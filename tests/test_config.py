@@ -49,6 +49,20 @@ def test_async_scheduling_is_refused_with_reason():
         to_vllm_speculative_config({"method": "jacobi"}, 512, async_scheduling=True)
 
 
+def test_the_ray_executor_is_refused_on_cpu_only():
+    class RayDistributedExecutor:  # vLLM also takes an executor class
+        pass
+
+    for backend in ("ray", RayDistributedExecutor):
+        with pytest.raises(ValueError, match="Ray executor does not support the CPU platform"):
+            to_vllm_speculative_config({"method": "jacobi"}, 512, executor_backend=backend,
+                                       cpu_platform=True)
+        to_vllm_speculative_config({"method": "jacobi"}, 512, executor_backend=backend)
+    for backend in ("mp", "uni", None):
+        to_vllm_speculative_config({"method": "jacobi"}, 512, executor_backend=backend,
+                                   cpu_platform=True)
+
+
 def test_cli_flags_translate():
     from argparse import Namespace
 

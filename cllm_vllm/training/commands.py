@@ -31,6 +31,35 @@ def add_collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    add_ray_args(p, "teacher replicas")
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS of its head (e.g. 10.0.0.1:6379), "
+                        "or none for RAY_ADDRESS or a new local instance")
+    p.add_argument("--workers", type=int, default=2, help=f"{what} on Ray")
+    p.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="CPUs per replica where the cluster has no GPU (one GPU each "
+                        "where it has)")
+
+
+def ray_options(args):
+    """The --ray flags as RayOptions (None without --ray), checked."""
+    if args.ray is None:
+        if args.workers != 2 or args.cpus_per_worker != 1:
+            raise UsageError("--workers and --cpus-per-worker need --ray")
+        return None
+    if args.workers < 1 or args.cpus_per_worker < 1:
+        raise UsageError("--workers and --cpus-per-worker must be >= 1")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # (not imported: see ray_collect.connect)
+        raise UsageError("--ray needs Ray: pip install 'cllm-vllm[ray]'")
+    from .ray_collect import RayOptions
+
+    return RayOptions(address=args.ray or None, workers=args.workers,
+                      cpus_per_worker=args.cpus_per_worker)
 
 
 def run_collect(args) -> int:
@@ -43,11 +72,15 @@ def run_collect(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
     _require_model_dir(args.teacher, "--teacher")
+    ray = ray_options(args)
+    if ray is not None and args.device is not None:
+        raise UsageError("--device and --ray are exclusive: Ray replicas take a GPU each "
+                         "where the cluster has GPUs, else CPUs")
     records = load_records(args.prompts)[: args.limit]
     cfg = CollectConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, shard_size=args.shard_size, fill=args.fill)
     manifest = collect(args.teacher, records, args.out, cfg, device=args.device,
-                       dtype=args.dtype)
+                       dtype=args.dtype, ray=ray)
     blocks = sum(s["blocks"] for s in manifest["shards"].values())
     dropped = sum(s["dropped_blocks"] for s in manifest["shards"].values())
     print(f"{manifest['num_prompts']} prompts -> {blocks} blocks in {args.out} "

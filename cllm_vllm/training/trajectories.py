@@ -156,18 +156,85 @@ def _clean(blocks: list[list[list[int]]], n: int) -> tuple[list, int]:
     return blocks, 0
 
 
-def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
-            cfg: CollectConfig = CollectConfig(), progress: bool = True,
-            device: str | None = None, dtype: str = "auto") -> dict:
-    """Collect trajectories for ``records`` (see :mod:`.data`) into shards; resumes.
+@dataclass(frozen=True)
+class CollectJob:
+    """Everything a shard needs besides the teacher's weights: a shard is a pure function
+    of this and its index, so any replica may compute it, and computing it twice is safe."""
 
-    ``dtype="auto"`` runs the teacher in bfloat16 on a GPU and float32 on a CPU: the
-    fixed points are the teacher's greedy output in the precision it will be served in.
-    Returns the manifest.
-    """
+    teacher: str
+    prompts: list
+    answers: list
+    cfg: CollectConfig
+    eos_ids: frozenset
+    pad_id: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.prompts) // self.cfg.shard_size)
+
+    def shard_range(self, s: int) -> range:
+        return range(s * self.cfg.shard_size,
+                     min(len(self.prompts), (s + 1) * self.cfg.shard_size))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A computed shard: its JSON lines and block counts, for the driver to write."""
+
+    index: int
+    lines: list
+    blocks: int
+    dropped: int
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on a GPU, float32 on a CPU (the precision it will be served in)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def load_teacher(teacher: str | Path, device: str, dtype: str):
     import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def teacher_identity(teacher: str | Path) -> dict:
+    """What a replica reports before it works: data from two teachers must not mix."""
+    from transformers import AutoTokenizer
+
+    return {"teacher_fingerprint": _fingerprint(Path(teacher)),
+            "tokenizer_hash": tokenizer_hash(AutoTokenizer.from_pretrained(str(teacher)))}
+
+
+def compute_shard(model, job: CollectJob, s: int, on_batch=None) -> Shard:
+    """Trajectories of shard ``s`` (its prompts in batches of ``cfg.batch_size``)."""
+    lines, blocks, dropped = [], 0, 0
+    idx_all = job.shard_range(s)
+    for b0 in range(idx_all.start, idx_all.stop, job.cfg.batch_size):
+        idx = list(range(b0, min(idx_all.stop, b0 + job.cfg.batch_size)))
+        results = jacobi_trajectories(model, [job.prompts[i] for i in idx], job.cfg,
+                                      set(job.eos_ids), job.pad_id)
+        for i, res in zip(idx, results, strict=True):
+            kept, cut = _clean(res["blocks"], job.cfg.block_size)
+            blocks += len(kept)
+            dropped += cut
+            lines.append(json.dumps({"id": i, "prompt": job.prompts[i],
+                                     "answer": job.answers[i], "blocks": kept,
+                                     "eos": res["eos"]}))
+        if on_batch is not None:
+            on_batch(len(idx))
+    return Shard(s, lines, blocks, dropped)
+
+
+def plan_collection(teacher: str | Path, records: list[dict], out_dir: str | Path,
+                    cfg: CollectConfig, dtype: str) -> tuple[CollectJob, dict, list[int]]:
+    """Validate the inputs, encode the prompts and write (or check, on resume) the
+    manifest. Returns the job, the manifest and the shards still to compute."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from .data import (
         answer_separator,
@@ -186,12 +253,8 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
     problem = tokenizer_mismatch(tok, model_vocab_size(teacher))
     if problem:
         raise TrajectoryError(f"teacher {teacher}: {problem}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=getattr(torch, dtype))
-    model.to(device).eval()
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(str(teacher))
+    max_pos = getattr(config, "max_position_embeddings", None)
     room = max_pos - cfg.max_new_tokens - cfg.block_size if max_pos else None
     if room is not None and room < 1:
         raise TrajectoryError(f"max_new_tokens + block_size ({cfg.max_new_tokens} + "
@@ -208,13 +271,16 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
                        if rec.get("answer") else None)
     if cut:
         print(f"warning: {cut} prompts longer than {room} tokens were cut from the left")
-    pad_id = padding_id(tok, model.config.vocab_size)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    pad_id = padding_id(tok, config.vocab_size)
+    try:  # what the loaded model's generation_config would say, without loading it
+        eos = GenerationConfig.from_pretrained(str(teacher)).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = GenerationConfig.from_model_config(config).eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} | {tok.eos_token_id}
     manifest = {
         "version": SCHEMA_VERSION, "teacher": str(teacher), "tokenizer_hash": tokenizer_hash(tok),
         "teacher_fingerprint": _fingerprint(teacher), "eos_ids": sorted(eos_ids),
-        "vocab_size": model.config.vocab_size, **asdict(cfg), "dtype": dtype,
+        "vocab_size": config.vocab_size, **asdict(cfg), "dtype": dtype,
         "num_prompts": len(prompts),
         "prompts_hash": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
         "shards": {},
@@ -231,31 +297,63 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
         manifest["shards"] = old["shards"]
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(mpath, manifest)
-    n_shards = -(-len(prompts) // cfg.shard_size)
-    todo = [s for s in range(n_shards) if shard_name(s) not in manifest["shards"]]
-    bar = tqdm(total=len(prompts), disable=not progress, desc="trajectories",
-               initial=len(prompts) - sum(_shard_len(s, cfg, len(prompts)) for s in todo))
-    for s in todo:
-        lo, hi = s * cfg.shard_size, min(len(prompts), (s + 1) * cfg.shard_size)
-        lines, blocks, dropped = [], 0, 0
-        for b0 in range(lo, hi, cfg.batch_size):
-            idx = list(range(b0, min(hi, b0 + cfg.batch_size)))
-            results = jacobi_trajectories(model, [prompts[i] for i in idx], cfg, eos_ids,
-                                          pad_id)
-            for i, res in zip(idx, results, strict=True):
-                kept, cut = _clean(res["blocks"], cfg.block_size)
-                blocks += len(kept)
-                dropped += cut
-                lines.append(json.dumps({"id": i, "prompt": prompts[i], "answer": answers[i],
-                                         "blocks": kept, "eos": res["eos"]}))
-            bar.update(len(idx))
-        path = out_dir / shard_name(s)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.rename(path)
-        manifest["shards"][shard_name(s)] = {"records": len(lines), "blocks": blocks,
-                                             "dropped_blocks": dropped}
-        _write_json(mpath, manifest)
+    job = CollectJob(str(teacher), prompts, answers, cfg, frozenset(eos_ids), pad_id)
+    todo = [s for s in range(job.num_shards) if shard_name(s) not in manifest["shards"]]
+    return job, manifest, todo
+
+
+def write_shard(out_dir: str | Path, manifest: dict, shard: Shard) -> None:
+    """Write a shard whole (temp file, then rename), then record it in the manifest; the
+    manifest lists shards in order, whichever order they were computed in."""
+    out_dir = Path(out_dir)
+    path = out_dir / shard_name(shard.index)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(shard.lines) + "\n")
+    tmp.rename(path)
+    manifest["shards"][shard_name(shard.index)] = {
+        "records": len(shard.lines), "blocks": shard.blocks, "dropped_blocks": shard.dropped}
+    manifest["shards"] = dict(sorted(manifest["shards"].items()))
+    _write_json(out_dir / MANIFEST, manifest)
+
+
+def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
+            cfg: CollectConfig = CollectConfig(), progress: bool = True,
+            device: str | None = None, dtype: str = "auto", ray=None) -> dict:
+    """Collect trajectories for ``records`` (see :mod:`.data`) into shards; resumes.
+
+    ``dtype="auto"`` runs the teacher in bfloat16 on a GPU and float32 on a CPU: the
+    fixed points are the teacher's greedy output in the precision it will be served in.
+    ``ray`` (a :class:`cllm_vllm.training.ray_collect.RayOptions`) computes the shards on
+    teacher replicas of a Ray cluster; this process still writes every file. Returns the
+    manifest.
+    """
+    from tqdm import tqdm
+
+    if ray is not None:
+        from .ray_collect import replica_device
+
+        device = replica_device(ray)
+    elif device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(dtype, device)
+    job, manifest, todo = plan_collection(teacher, records, out_dir, cfg, dtype)
+    total = len(job.prompts)
+    done = total - sum(len(job.shard_range(s)) for s in todo)
+    bar = tqdm(total=total, disable=not progress, desc="trajectories", unit="prompt",
+               initial=done)
+    if ray is not None:
+        from .ray_collect import compute_shards
+
+        shards = compute_shards(job, todo, device, dtype, manifest, ray)
+    else:
+        model = load_teacher(teacher, device, dtype)
+        shards = (compute_shard(model, job, s, on_batch=bar.update) for s in todo)
+    for shard in shards:
+        write_shard(out_dir, manifest, shard)
+        if ray is not None:
+            bar.update(len(shard.lines))
     bar.close()
     return manifest
 
@@ -270,10 +368,6 @@ def _fingerprint(model_dir: Path) -> str:
 
 def shard_name(s: int) -> str:
     return f"shard-{s:05d}.jsonl"
-
-
-def _shard_len(s: int, cfg: CollectConfig, total: int) -> int:
-    return min(total, (s + 1) * cfg.shard_size) - s * cfg.shard_size
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,0 +1,157 @@
+"""Trajectory collection on a Ray cluster: teacher replicas as actors, shards as work.
+
+The driver (:func:`cllm_vllm.training.trajectories.collect`) plans the run and writes
+every file; actors only compute. A shard is a pure function of the job and its index, so
+one that fails (an exception) or is lost (its actor died) is simply computed again, on
+the same actor or on a replacement; a shard that keeps failing stops the run with its
+last error. Every replica reports its teacher's fingerprint and tokenizer hash before it
+gets work: a node with another copy of the model stops the run instead of mixing data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .trajectories import (
+    CollectJob,
+    Shard,
+    TrajectoryError,
+    compute_shard,
+    load_teacher,
+    teacher_identity,
+)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None
+    """Cluster to join (``ray start --head`` printed it); None: ``RAY_ADDRESS`` or a new
+    local instance."""
+    workers: int = 2
+    """Teacher replicas (actors)."""
+    cpus_per_worker: int = 1
+    """CPUs per replica on a cluster without GPUs (its torch threads); with GPUs each
+    replica takes one GPU."""
+    max_attempts: int = 3
+    """Tries per shard before the run stops."""
+    inject_failures: dict = field(default_factory=dict)
+    """For tests: ``{shard: "raise" | "exit"}`` makes that shard's first attempt raise, or
+    kill its actor's process."""
+
+
+def connect(options: RayOptions):
+    """Join the cluster (or start a local instance) once per process; returns the ``ray``
+    module (import it through here).
+
+    Ray 2.60 starts clusters with token authentication (``ray start`` writes the token to
+    ``~/.ray/auth_token``), but a driver that joins one sends its token only in token
+    mode: with ``RAY_AUTH_MODE`` unset and a token at hand, ask for token mode (before
+    Ray is imported: it reads the mode then).
+    """
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is first imported
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    return ray
+
+
+def _token_available() -> bool:
+    from pathlib import Path
+
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def replica_device(options: RayOptions) -> str:
+    """``cuda`` when the cluster has GPUs (one per replica), else ``cpu``."""
+    ray = connect(options)
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+class TeacherReplica:
+    """One copy of the teacher (a Ray actor)."""
+
+    def __init__(self, teacher: str, device: str, dtype: str, threads: int) -> None:
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.teacher = teacher
+        self.model = load_teacher(teacher, device, dtype)
+
+    def identity(self) -> dict:
+        return teacher_identity(self.teacher)
+
+    def compute(self, job: CollectJob, s: int, inject: str | None = None) -> Shard:
+        if inject is not None:
+            if inject == "exit":
+                os._exit(1)
+            raise RuntimeError(f"injected failure of shard {s}")
+        return compute_shard(self.model, job, s)
+
+
+def compute_shards(job: CollectJob, todo: list[int], device: str, dtype: str,
+                   manifest: dict, options: RayOptions) -> Iterator[Shard]:
+    """Compute the shards ``todo`` on ``options.workers`` replicas; yield each as it is
+    done (in any order)."""
+    ray = connect(options)
+    from ray.exceptions import RayActorError, RayTaskError
+
+    resources = ({"num_gpus": 1} if device == "cuda" else {"num_cpus": options.cpus_per_worker})
+    actor_cls = ray.remote(**resources)(TeacherReplica)
+    expected = {key: manifest[key] for key in ("teacher_fingerprint", "tokenizer_hash")}
+    job_ref = ray.put(job)
+
+    def start() -> object:
+        actor = actor_cls.remote(job.teacher, device, dtype, options.cpus_per_worker)
+        got = ray.get(actor.identity.remote())
+        if got != expected:
+            ray.kill(actor)
+            raise TrajectoryError(
+                f"a Ray replica's teacher at {job.teacher} differs from the driver's "
+                f"({got} vs {expected}): install the same model on every node")
+        return actor
+
+    queue = deque(todo)
+    attempts = dict.fromkeys(todo, 0)
+    actors = [start() for _ in range(min(options.workers, len(todo)))]
+    running: dict = {}  # future -> (actor, shard)
+
+    def submit(actor) -> None:
+        s = queue.popleft()
+        attempts[s] += 1
+        inject = options.inject_failures.get(s) if attempts[s] == 1 else None
+        running[actor.compute.remote(job_ref, s, inject)] = (actor, s)
+
+    try:
+        for actor in actors:
+            if queue:
+                submit(actor)
+        while running:
+            [done], _ = ray.wait(list(running), num_returns=1)
+            actor, s = running.pop(done)
+            try:
+                shard = ray.get(done)
+            except (RayTaskError, RayActorError) as e:
+                if attempts[s] >= options.max_attempts:
+                    raise TrajectoryError(f"shard {s} failed {attempts[s]} times on Ray; "
+                                          f"last error: {e}") from e
+                queue.appendleft(s)  # pure: computing it again gives the same shard
+                if isinstance(e, RayActorError):  # the replica is gone: replace it
+                    actors.remove(actor)
+                    actor = start()
+                    actors.append(actor)
+                submit(actor)
+                continue
+            if queue:
+                submit(actor)
+            yield shard
+    finally:
+        for actor in actors:
+            ray.kill(actor)
