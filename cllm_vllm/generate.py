@@ -223,9 +223,12 @@ def main(args) -> int:
     from .training.commands import UsageError, ray_options
 
     try:
-        engine_args = json.loads(args.engine_args)
+        try:
+            engine_args = json.loads(args.engine_args)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--engine-args: not JSON ({e})") from e
         if not isinstance(engine_args, dict):
-            raise ValueError("not an object")
+            raise UsageError("--engine-args: not a JSON object of vllm.LLM arguments")
         if args.block_size < 1 or args.max_tokens < 1 or args.chunk < 1:
             raise UsageError("--block-size, --max-tokens and --chunk must be >= 1")
         if not (Path(args.model) / "config.json").exists():

@@ -276,3 +276,6 @@ def test_ray_flags_are_checked_before_any_work(tmp_path):
     proc = cli("collect", "--teacher", BUNDLED_CLLM, "--prompts", tmp_path / "none.jsonl",
                "--out", tmp_path / "o", "--ray", "--device", "cpu", check=False)
     assert proc.returncode == 2 and "--device and --ray are exclusive" in proc.stderr
+    proc = cli("generate", "--model", BUNDLED_CLLM, "--input", tmp_path / "none.jsonl",
+               "--output", tmp_path / "o.jsonl", "--engine-args", "{bad", check=False)
+    assert proc.returncode == 2 and "--engine-args: not JSON" in proc.stderr
