@@ -108,19 +108,22 @@ def compute_shards(job: CollectJob, todo: list[int], device: str, dtype: str,
     expected = {key: manifest[key] for key in ("teacher_fingerprint", "tokenizer_hash")}
     job_ref = ray.put(job)
 
-    def start() -> object:
-        actor = actor_cls.remote(job.teacher, device, dtype, options.cpus_per_worker)
-        got = ray.get(actor.identity.remote())
-        if got != expected:
-            ray.kill(actor)
-            raise TrajectoryError(
-                f"a Ray replica's teacher at {job.teacher} differs from the driver's "
-                f"({got} vs {expected}): install the same model on every node")
-        return actor
+    def start(n: int) -> list:
+        """``n`` replicas, loading their teachers in parallel, each checked."""
+        new = [actor_cls.remote(job.teacher, device, dtype, options.cpus_per_worker)
+               for _ in range(n)]
+        for got in ray.get([a.identity.remote() for a in new]):
+            if got != expected:
+                for a in new:
+                    ray.kill(a)
+                raise TrajectoryError(
+                    f"a Ray replica's teacher at {job.teacher} differs from the driver's "
+                    f"({got} vs {expected}): install the same model on every node")
+        return new
 
     queue = deque(todo)
     attempts = dict.fromkeys(todo, 0)
-    actors = [start() for _ in range(min(options.workers, len(todo)))]
+    actors = start(min(options.workers, len(todo)))
     running: dict = {}  # future -> (actor, shard)
 
     def submit(actor) -> None:
@@ -145,7 +148,7 @@ def compute_shards(job: CollectJob, todo: list[int], device: str, dtype: str,
                 queue.appendleft(s)  # pure: computing it again gives the same shard
                 if isinstance(e, RayActorError):  # the replica is gone: replace it
                     actors.remove(actor)
-                    actor = start()
+                    [actor] = start(1)
                     actors.append(actor)
                 submit(actor)
                 continue
