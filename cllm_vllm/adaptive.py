@@ -144,9 +144,8 @@ class BlockChooser:
     consistency-trained model's tail converges over several. Where the cost model says the
     full block costs little more than the plan (light load, cheap tokens; the caller
     judges that cautiously, since a wrong try costs a whole epoch), the full block
-    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster
-    (whatever the cost model says then); a losing arm is tried again after 1, 2, 4 ...
-    ``MAX_PATIENCE`` epochs of the other.
+    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
+    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
     Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
     epoch: the better arm at 4 requests says nothing about 64.
     """
@@ -203,20 +202,18 @@ class BlockChooser:
         self._epoch_tokens = self._epoch_seconds = 0.0
 
     def _next_arm(self, b: int, full_is_plausible: Callable[[], bool]) -> int:
-        """The measured better arm; the other now and then. The cost model's caution
-        (``full_is_plausible``) gates trying the full block, never keeping it where it
-        measured faster: its prediction is what the measurement corrects."""
+        if not full_is_plausible():
+            return PLAN
         plan, full = self.rate(b, PLAN), self.rate(b, FULL)
         if plan is None:
             return PLAN
         if full is None:
-            return FULL if full_is_plausible() else PLAN
+            return FULL
         best = int(full > plan)
         self._since[b] += 1
         if self._since[b] >= self._patience[b]:
             self._since[b] = 0
-            if best == FULL or full_is_plausible():
-                return 1 - best
+            return 1 - best
         return best
 
 

@@ -270,19 +270,6 @@ def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
     assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1)[-1] == FULL
 
 
-def test_block_chooser_keeps_a_full_block_that_measured_faster_whatever_the_prediction():
-    """The cost model's caution gates trying the full block, not keeping it: at batch 1
-    on arithmetic the bundled CLLM's full block measured 1.4x the plan's exact tokens/s,
-    yet the prediction, step by step, often said it would not pay."""
-    chooser = BlockChooser()
-    run_epochs(chooser, 1, {PLAN: 100.0, FULL: 140.0}, 4)
-    arms = run_epochs(chooser, 1, {PLAN: 100.0, FULL: 140.0}, 20, plausible=False)
-    assert np.mean(np.array(arms) == FULL) > 0.8 and arms[-1] == FULL  # (was: never)
-    # The plan is still re-checked now and then, and wins back where it is faster.
-    arms = run_epochs(chooser, 1, {PLAN: 100.0, FULL: 40.0}, 40, plausible=False)
-    assert arms[-BlockChooser.EPOCH:] == [PLAN] * BlockChooser.EPOCH
-
-
 def test_expected_rate_counts_sent_guesses_and_their_cost():
     survival = survival_of([0.5, 1.0])
     lengths = np.array([2, 1])
