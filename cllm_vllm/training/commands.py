@@ -37,7 +37,8 @@ def add_collect_args(p: argparse.ArgumentParser) -> None:
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS of its head (e.g. 10.0.0.1:6379), "
-                        "or none for RAY_ADDRESS or a new local instance")
+                        "or none for RAY_ADDRESS, a cluster running on this machine, "
+                        "or a new local instance")
     p.add_argument("--workers", type=int, default=2, help=f"{what} on Ray")
     p.add_argument("--cpus-per-worker", type=int, default=1,
                    help="CPUs per replica where the cluster has no GPU (one GPU each "

@@ -28,8 +28,8 @@ from .trajectories import (
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None
-    """Cluster to join (``ray start --head`` printed it); None: ``RAY_ADDRESS`` or a new
-    local instance."""
+    """Cluster to join (``ray start --head`` printed it); None: ``RAY_ADDRESS``, a cluster
+    running on this machine, or a new local instance (``ray.init``'s order)."""
     workers: int = 2
     """Teacher replicas (actors)."""
     cpus_per_worker: int = 1
