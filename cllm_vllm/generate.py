@@ -89,7 +89,7 @@ class Replica:
 
     def __call__(self, batch: dict) -> dict:
         rows = self.generate(batch["index"], batch["prompt_token_ids"])
-        return {"index": [r["index"] for r in rows], "row": [json.dumps(r) for r in rows]}
+        return {"row": [json.dumps(r) for r in rows]}
 
 
 def encode_prompts(model: str, input_path: str) -> list[list[int]]:
@@ -138,7 +138,7 @@ def _local_rows(kwargs, params, prompts, start, chunk) -> Iterator[str]:
 
 
 def _ray_rows(kwargs, params, prompts, start, chunk, ray_opts) -> Iterator[str]:
-    from .training.ray_collect import connect
+    from .ray_cluster import connect
 
     ray = connect(ray_opts)
     ctx = ray.data.DataContext.get_current()

@@ -82,7 +82,7 @@ def ray_collect(teacher, prompts, out, address, inject, max_attempts=3):
     script = f"""
 import sys
 from cllm_vllm.training.data import load_records
-from cllm_vllm.training.ray_collect import RayOptions
+from cllm_vllm.ray_cluster import RayOptions
 from cllm_vllm.training.trajectories import CollectConfig, TrajectoryError, collect
 cfg = CollectConfig(**{CFG.__dict__!r})
 opts = RayOptions(address={address!r}, workers=2, max_attempts={max_attempts},
@@ -147,7 +147,7 @@ import sys
 from pathlib import Path
 import cllm_vllm.training.trajectories as t
 from cllm_vllm.training.data import load_records
-from cllm_vllm.training.ray_collect import RayOptions
+from cllm_vllm.ray_cluster import RayOptions
 plan = t.plan_collection
 def plan_then_change(*a, **k):
     out = plan(*a, **k)

@@ -55,9 +55,9 @@ def ray_options(args):
         raise UsageError("--workers and --cpus-per-worker must be >= 1")
     import importlib.util
 
-    if importlib.util.find_spec("ray") is None:  # (not imported: see ray_collect.connect)
+    if importlib.util.find_spec("ray") is None:  # (not imported: see ray_cluster.connect)
         raise UsageError("--ray needs Ray: pip install 'cllm-vllm[ray]'")
-    from .ray_collect import RayOptions
+    from ..ray_cluster import RayOptions
 
     return RayOptions(address=args.ray or None, workers=args.workers,
                       cpus_per_worker=args.cpus_per_worker)

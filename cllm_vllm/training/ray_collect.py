@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
+from ..ray_cluster import RayOptions, connect
 from .trajectories import (
     CollectJob,
     Shard,
@@ -23,49 +23,6 @@ from .trajectories import (
     load_teacher,
     teacher_identity,
 )
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None
-    """Cluster to join (``ray start --head`` printed it); None: ``RAY_ADDRESS``, a cluster
-    running on this machine, or a new local instance (``ray.init``'s order)."""
-    workers: int = 2
-    """Teacher replicas (actors)."""
-    cpus_per_worker: int = 1
-    """CPUs per replica on a cluster without GPUs (its torch threads); with GPUs each
-    replica takes one GPU."""
-    max_attempts: int = 3
-    """Tries per shard before the run stops."""
-    inject_failures: dict = field(default_factory=dict)
-    """For tests: ``{shard: "raise" | "exit"}`` makes that shard's first attempt raise, or
-    kill its actor's process."""
-
-
-def connect(options: RayOptions):
-    """Join the cluster (or start a local instance) once per process; returns the ``ray``
-    module (import it through here).
-
-    Ray 2.60 starts clusters with token authentication (``ray start`` writes the token to
-    ``~/.ray/auth_token``), but a driver that joins one sends its token only in token
-    mode: with ``RAY_AUTH_MODE`` unset and a token at hand, ask for token mode (before
-    Ray is imported: it reads the mode then).
-    """
-    address = options.address or os.environ.get("RAY_ADDRESS")
-    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is first imported
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-    return ray
-
-
-def _token_available() -> bool:
-    from pathlib import Path
-
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
 
 
 def replica_device(options: RayOptions) -> str:

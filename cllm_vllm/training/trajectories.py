@@ -323,7 +323,7 @@ def collect(teacher: str | Path, records: list[dict], out_dir: str | Path,
 
     ``dtype="auto"`` runs the teacher in bfloat16 on a GPU and float32 on a CPU: the
     fixed points are the teacher's greedy output in the precision it will be served in.
-    ``ray`` (a :class:`cllm_vllm.training.ray_collect.RayOptions`) computes the shards on
+    ``ray`` (a :class:`cllm_vllm.ray_cluster.RayOptions`) computes the shards on
     teacher replicas of a Ray cluster; this process still writes every file. Returns the
     manifest.
     """
