@@ -14,12 +14,12 @@ expected number of exact tokens per second of the whole step::
   Guesses are counted by source: the Jacobi tail (refined by the last step), an n-gram
   copy, or the fill's fresh top-up after the tail. A CLLM's tails are good where its
   fresh guesses and a copy-first fill's copies often are not, and the reverse for a model
-  that loops. Every request is judged as if its whole guess were carried, at the steady
-  state of drafting: while a request keeps drafting, the fresh guesses at the end of this
-  block become next step's tail, a return the one-step ratio below does not see (without
-  it every block would shrink step by step); and a request that is not drafting has no
-  tail, so judged by its fresh guess it would never start, however well its tails hold
-  once it does (a CLLM's do).
+  that loops; a request that starts drafting has no tail yet. A request that is not
+  drafting is judged by the sources of its actual next guess, position by position: to
+  start, it must pay its way with what it has. One that drafted in the last step is
+  judged as if its whole guess were carried: while it keeps drafting, the fresh guesses
+  at the end of this block become next step's tail, a return the one-step ratio below
+  does not see, and without it every block would shrink step by step.
 * ``T(N_0 + m) = P(N_0) + X(m)``: the wall time of an engine step, learnt online from the
   steps the engine actually runs (:class:`StepCostModel`), so the same code drafts long
   blocks on an idle GPU and few or none on a saturated CPU. ``P(N)`` is a step without
@@ -32,11 +32,9 @@ expected number of exact tokens per second of the whole step::
 Because ``s_r(i)`` never grows with ``i``, the best plan for a given total of draft tokens
 takes the largest ``s_r(i)`` over all requests; :func:`plan_draft_lengths` tries every
 total at once and keeps the best ratio. The promises ``s_r`` are first scaled by how many
-of them came true lately for batches alike in load and promise
-(:meth:`AcceptanceTracker.calibration`, :func:`evidence_key`), and a batch starts drafting
-only if the plan promises ``MIN_SPEEDUP`` over sending none (once drafting, it carries on
-while the plan promises any gain). Everything here is plain numpy over the batch: no
-per-token Python loop.
+of them came true lately at the same load (:meth:`AcceptanceTracker.calibration`), and a
+plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. Everything here is
+plain numpy over the batch: no per-token Python loop.
 
 Statistics are kept per request id only to choose lengths; what is proposed never depends
 on them, so preemption, recompute and batch reordering cannot change any output.
@@ -59,11 +57,9 @@ REQUEST_DECAY = 0.9
 acceptance moves within a reply, e.g. when a model falls into a loop."""
 
 MIN_SPEEDUP = 1.1
-"""A batch that sent no guess in the last step starts drafting only when the plan promises
-at least this much more throughput than a step without any: the estimates are noisy, and
-the first drafting step pays for verification and gets fresh guesses, so a marginal
-promise is a loss. A batch that is drafting carries on at any promised gain: stopping
-throws away the refined tails."""
+"""Guesses are sent only when the plan promises at least this much more throughput than a
+step without any: the estimates are noisy and a request's guesses are worth less when it
+stops and starts drafting than when it keeps going, so a marginal promise is a loss."""
 
 POPULATION_DECAY = 0.995
 """Forgetting of the engine-wide evidence that new requests start from, per request-step
@@ -86,28 +82,10 @@ makes the next prediction right). Where that costs more than it returns (a busy 
 the calibration below scales the promises down."""
 
 
-GAIN_CLASSES = 6
-
-
 def load_bucket(rows: int) -> int:
-    """The load bucket of a step with ``rows`` requests (log2)."""
+    """The load bucket of a step with ``rows`` requests (log2), for evidence that depends
+    on the load: the calibration of promises and the plan-or-full-block choice."""
     return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
-
-
-def gain_class(gain: float) -> int:
-    """Half-doublings of ``1 + gain``: 0 for no gain, 2 for one more token per step, 4
-    for three."""
-    return min(int(2 * math.log2(1.0 + max(gain, 0.0))), GAIN_CLASSES - 1)
-
-
-def evidence_key(rows: int, gain: float) -> tuple[int, int]:
-    """Where evidence that depends on the batch is kept (the calibration of promises, the
-    plan-or-full-block choice): by the load (requests per step, log2) and by the class of
-    what the batch's guesses promise (``gain``: exact tokens per request that a full block
-    would add, as estimated). The better arm at 4 requests says nothing about 64, nor do
-    batches whose guesses hold (a CLLM on a familiar task, a model that loops) about those
-    whose guesses fail, though one engine serves both."""
-    return load_bucket(rows), gain_class(gain)
 
 
 def plan_draft_lengths(
@@ -165,12 +143,11 @@ class BlockChooser:
     block also buys later steps: its unaccepted tail is refined at every step, and a
     consistency-trained model's tail converges over several. Where the cost model says the
     full block costs little more than the plan (light load, cheap tokens; the caller
-    judges that cautiously, since a wrong try costs a whole epoch), the full block is also
-    tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a losing arm
-    is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
-
-    Evidence is kept per :func:`evidence_key` (load and promise), forgetting ``DECAY``
-    per epoch.
+    judges that cautiously, since a wrong try costs a whole epoch), the full block
+    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
+    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
+    Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
+    epoch: the better arm at 4 requests says nothing about 64.
     """
 
     EPOCH = 16
@@ -180,13 +157,12 @@ class BlockChooser:
     PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
 
     def __init__(self) -> None:
-        shape = (CALIBRATION_BUCKETS, GAIN_CLASSES)
-        self._tokens = np.zeros(shape + (2,))
-        self._seconds = np.zeros(shape + (2,))
-        self._since = np.zeros(shape, dtype=np.int64)
-        self._patience = np.ones(shape, dtype=np.int64)
+        self._tokens = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._seconds = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._since = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
+        self._patience = np.ones(CALIBRATION_BUCKETS, dtype=np.int64)
         self.arm = PLAN
-        self._key: tuple[int, int] = (-1, 0)
+        self._bucket = -1
         self._steps = 0
         self._epoch_tokens = self._epoch_seconds = 0.0
 
@@ -195,47 +171,48 @@ class BlockChooser:
         self._epoch_tokens += tokens
         self._epoch_seconds += seconds
 
-    def rate(self, key: tuple[int, int], arm: int) -> float | None:
-        s = self._seconds[key][arm]
-        return float(self._tokens[key][arm] / s) if s > 0 else None
+    def rate(self, bucket: int, arm: int) -> float | None:
+        s = self._seconds[bucket, arm]
+        return float(self._tokens[bucket, arm] / s) if s > 0 else None
 
-    def choose(self, key: tuple[int, int], full_is_plausible: Callable[[], bool]) -> int:
-        """The arm of the next step of a batch with this :func:`evidence_key`; an epoch
-        ends after ``EPOCH`` steps, or at once when the key changes."""
+    def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
+        """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
+        steps, or at once when the load moves to another bucket."""
+        bucket = load_bucket(rows)
         self._steps += 1
-        if key == self._key and self._steps <= self.EPOCH:
+        if bucket == self._bucket and self._steps <= self.EPOCH:
             return self.arm
         self._close()
-        self._key, self._steps = key, 1
-        self.arm = self._next_arm(key, full_is_plausible)
+        self._bucket, self._steps = bucket, 1
+        self.arm = self._next_arm(bucket, full_is_plausible)
         return self.arm
 
     def _close(self) -> None:
-        key, a = self._key, self.arm
-        if key[0] >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
-            before = self.rate(key, PLAN), self.rate(key, FULL)
+        b, a = self._bucket, self.arm
+        if b >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
+            before = self.rate(b, PLAN), self.rate(b, FULL)
             leader = None if None in before else int(before[FULL] > before[PLAN])
-            self._tokens[key][a] = self._tokens[key][a] * self.DECAY + self._epoch_tokens
-            self._seconds[key][a] = self._seconds[key][a] * self.DECAY + self._epoch_seconds
+            self._tokens[b, a] = self._tokens[b, a] * self.DECAY + self._epoch_tokens
+            self._seconds[b, a] = self._seconds[b, a] * self.DECAY + self._epoch_seconds
             if leader is not None and a != leader:  # an exploring epoch
-                if (self.rate(key, a) or 0.0) > (self.rate(key, leader) or 0.0):
-                    self._patience[key] = 1  # it leads now; the other gets re-checked soon
+                if (self.rate(b, a) or 0.0) > (self.rate(b, leader) or 0.0):
+                    self._patience[b] = 1  # it leads now; the other gets re-checked soon
                 else:
-                    self._patience[key] = min(2 * self._patience[key], self.MAX_PATIENCE)
+                    self._patience[b] = min(2 * self._patience[b], self.MAX_PATIENCE)
         self._epoch_tokens = self._epoch_seconds = 0.0
 
-    def _next_arm(self, key: tuple[int, int], full_is_plausible: Callable[[], bool]) -> int:
+    def _next_arm(self, b: int, full_is_plausible: Callable[[], bool]) -> int:
         if not full_is_plausible():
             return PLAN
-        plan, full = self.rate(key, PLAN), self.rate(key, FULL)
+        plan, full = self.rate(b, PLAN), self.rate(b, FULL)
         if plan is None:
             return PLAN
         if full is None:
             return FULL
         best = int(full > plan)
-        self._since[key] += 1
-        if self._since[key] >= self._patience[key]:
-            self._since[key] = 0
+        self._since[b] += 1
+        if self._since[b] >= self._patience[b]:
+            self._since[b] = 0
             return 1 - best
         return best
 
@@ -407,16 +384,12 @@ class AcceptanceTracker:
         # Accepted guesses the plans promised, and those that came (decayed sums), by the
         # number of requests in the step (log2 buckets): how far promises hold depends on
         # the load (a busy engine's requests start and stop drafting more often).
-        self._promised = np.zeros((CALIBRATION_BUCKETS, GAIN_CLASSES))
-        self._delivered = np.zeros((CALIBRATION_BUCKETS, GAIN_CLASSES))
-        self._pending, self._pending_key = 0.0, (0, 0)
+        self._promised = np.zeros(CALIBRATION_BUCKETS)
+        self._delivered = np.zeros(CALIBRATION_BUCKETS)
+        self._pending, self._pending_bucket = 0.0, 0
 
     def __len__(self) -> int:
         return len(self._slot_of)
-
-    def knows(self, req_ids: Sequence[str | None]) -> bool:
-        """Whether every one of these requests has a slot already (none is new)."""
-        return len(req_ids) <= len(self._slot_of) and all(r in self._slot_of for r in req_ids)
 
     def slots(self, req_ids: Sequence[str | None]) -> np.ndarray:
         """Slots of this batch's requests (new ones get fresh slots); forget the others."""
@@ -454,28 +427,29 @@ class AcceptanceTracker:
         self._guess_source[slots] = sources
         self._sent[slots] = sent
 
-    def promise(self, accepted: float, key: tuple[int, int]) -> None:
-        """The plan just made for a batch with this :func:`evidence_key` expects
-        ``accepted`` of its guesses to be accepted."""
-        self._pending, self._pending_key = accepted, key
+    def promise(self, accepted: float, rows: int) -> None:
+        """The plan just made for ``rows`` requests expects ``accepted`` of its guesses to
+        be accepted."""
+        self._pending, self._pending_bucket = accepted, load_bucket(rows)
 
     def deliver(self, accepted: int) -> None:
         """The last plan's guesses: ``accepted`` were accepted. The record fades every
         step, so a plan that stopped drafting for poor promises trusts them again later."""
-        b = self._pending_key
+        b = self._pending_bucket
         self._promised[b] = self._promised[b] * CALIBRATION_DECAY + self._pending
         self._delivered[b] = self._delivered[b] * CALIBRATION_DECAY + (
             accepted if self._pending > 0 else 0.0)
         self._pending = 0.0
 
-    def calibration(self, key: tuple[int, int]) -> float:
-        """Accepted guesses per promised one, lately, for batches with this
-        :func:`evidence_key` (1 without a record).
+    def calibration(self, rows: int) -> float:
+        """Accepted guesses per promised one, lately, at this many requests (1 without a
+        record).
 
         The estimates rest on assumptions (a drafting request keeps drafting; positions
         are independent of how the batch changes) that a busy engine breaks one way more
         than the other: the plan scales its promises by how they turned out."""
-        return min((self._delivered[key] + 1.0) / (self._promised[key] + 1.0), 1.0)
+        b = load_bucket(rows)
+        return min((self._delivered[b] + 1.0) / (self._promised[b] + 1.0), 1.0)
 
     def last_guesses(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._guess[slots], self._guess_len[slots]

@@ -30,12 +30,10 @@ from cllm_vllm.adaptive import (
     COPY,
     FULL,
     MIN_GAIN,
-    MIN_SPEEDUP,
     TAIL,
     AcceptanceTracker,
     BlockChooser,
     StepCostModel,
-    evidence_key,
     expected_rate,
     plan_draft_lengths,
     verified_prefix,
@@ -50,8 +48,7 @@ SPIKE = StepCostModel.SPIKE
 MAX_REST = 32
 """While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
 ``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
-drafting, and a request that could start drafting waits at most that many steps. A new
-request ends a rest: it is planned at its first decode step."""
+drafting, and a request that could start drafting waits at most that many steps."""
 
 
 class JacobiProposer:
@@ -176,10 +173,9 @@ class JacobiProposer:
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         if self.chooser is not None:
             self.chooser.add(tokens=float(num_new.sum()))
-        if self._rest and not self._seeded_rows and self.tracker.knows(self._req_ids[:rows]):
+        if self._rest and not self._seeded_rows:
             # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
-            # Nothing is lost but evidence (the next plan scores nothing). A new request
-            # ends the rest: it is planned at once.
+            # Nothing is lost but evidence (the next plan scores nothing).
             self._rest, self._rested = self._rest - 1, True
             self._argmax = self._num_draft = None
             return [[] for _ in range(rows)]
@@ -259,13 +255,11 @@ class JacobiProposer:
             # requests always draft; then the nearest size measured has to do.)
             lengths = np.zeros(rows, dtype=np.int64)
         else:
-            # Every request is judged at its steady state, its whole guess carried (see
-            # cllm_vllm.adaptive).
+            # A request that keeps drafting is judged at its steady state (all carried);
+            # one that would start, by its actual guess (see cllm_vllm.adaptive).
+            carried = np.where(sent, self.k, self._carried[:rows])
             known = self.extra_cost.num_observed_bins > 0
-            survival = tracker.survival(slots, sources=sources)
-            positions = np.arange(self.k)[None, :]
-            key = evidence_key(rows, float(survival[positions < max_len[:, None]].sum()) / rows)
-            survival *= tracker.calibration(key)
+            survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
             plain = self.plain_cost.predict_one(rows)
             base_gain = float(np.count_nonzero(num_new))
             lengths = plan_draft_lengths(
@@ -276,9 +270,6 @@ class JacobiProposer:
                 plain_seconds=plain,
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
                 base_gain=base_gain,
-                # Starting to draft must promise a clear gain; carrying on, any gain (see
-                # MIN_SPEEDUP): a step that stops throws away the refined tail.
-                min_speedup=1.0 if sent.any() else MIN_SPEEDUP,
             )
 
             # The full block, for every request whose next guess has a fair chance (one
@@ -294,7 +285,7 @@ class JacobiProposer:
                                          base_gain=base_gain)
                 return rate(full_block()) >= self.chooser.PLAUSIBLE * rate(lengths)
 
-            if self.chooser.choose(key, full_is_plausible) == FULL:
+            if self.chooser.choose(rows, full_is_plausible) == FULL:
                 lengths = full_block()
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
@@ -302,16 +293,8 @@ class JacobiProposer:
                 seeded = np.asarray(self._seeded_rows, dtype=np.int64)
                 seeded = seeded[seeded < rows]
                 lengths[seeded] = max_len[seeded]
-            # What the next step should deliver: a request that starts drafting now sends
-            # its actual guess (its promise above is the steady state it starts towards).
-            starting = ~sent & (lengths > 0)
-            promised = survival
-            if starting.any():
-                promised = survival.copy()
-                promised[starting] = tracker.survival(
-                    slots[starting], self._carried[:rows][starting], sources[starting]
-                ) * tracker.calibration(key)
-            tracker.promise(float(promised[positions < lengths[:, None]].sum()), key)
+            positions = np.arange(self.k)[None, :]
+            tracker.promise(float(survival[positions < lengths[:, None]].sum()), rows)
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
         tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths

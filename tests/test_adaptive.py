@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 
 from cllm_vllm.adaptive import (
-    CALIBRATION_BUCKETS,
     COPY,
     FRESH,
     FULL,
-    GAIN_CLASSES,
     MIN_GAIN,
     OPTIMISM,
     PLAN,
@@ -18,7 +16,6 @@ from cllm_vllm.adaptive import (
     AcceptanceTracker,
     BlockChooser,
     StepCostModel,
-    evidence_key,
     expected_rate,
     plan_draft_lengths,
     verified_prefix,
@@ -204,28 +201,18 @@ def test_sources_are_judged_apart_position_by_position():
     assert FRESH not in (TAIL, COPY)
 
 
-def test_promises_are_scaled_by_how_they_turned_out_at_that_load_and_promise():
+def test_promises_are_scaled_by_how_they_turned_out_at_that_load():
     tracker = AcceptanceTracker(k=4, capacity=64)
-    busy = evidence_key(32, 1.0)
-    assert tracker.calibration(busy) == 1.0
+    assert tracker.calibration(32) == 1.0
     for _ in range(50):  # at 32 requests, plans promise 10 accepted guesses and get 3
-        tracker.promise(10.0, busy)
+        tracker.promise(10.0, 32)
         tracker.deliver(3)
-    assert tracker.calibration(busy) == pytest.approx(0.3, abs=0.05)
-    # Another load, or batches that promise more, keep their own record.
-    assert tracker.calibration(evidence_key(1, 1.0)) == 1.0
-    assert tracker.calibration(evidence_key(32, 3.0)) == 1.0
+    assert tracker.calibration(32) == pytest.approx(0.3, abs=0.05)
+    assert tracker.calibration(1) == 1.0  # another load keeps its own record
     for _ in range(200):  # plans at 32 that promise nothing: the record fades to trust
-        tracker.promise(0.0, busy)
+        tracker.promise(0.0, 32)
         tracker.deliver(0)
-    assert tracker.calibration(busy) > 0.9
-
-
-def test_evidence_keys_split_load_and_promise():
-    assert evidence_key(1, 0.0) == (0, 0)
-    assert evidence_key(4, 1.0) == (2, 2) == evidence_key(7, 1.2)
-    assert evidence_key(32, 3.0)[1] == 4 and evidence_key(32, 1e9)[1] == GAIN_CLASSES - 1
-    assert evidence_key(10**9, 1.0)[0] == CALIBRATION_BUCKETS - 1
+    assert tracker.calibration(32) > 0.9
 
 
 def test_tracker_grows_past_its_capacity():
@@ -246,12 +233,12 @@ def test_verified_prefix_counts_sent_and_unsent_guesses():
     assert tried.tolist() == [3, 1, 4, 0]
 
 
-def run_epochs(chooser, rows, rates, epochs, plausible=True, gain=1.0):
+def run_epochs(chooser, rows, rates, epochs, plausible=True):
     """Drive ``chooser`` for ``epochs`` epochs in which arm ``a`` makes ``rates[a]`` exact
     tokens per second (one token per step); return the arm of each step."""
     arms = []
     for _ in range(epochs * BlockChooser.EPOCH):
-        arm = chooser.choose(evidence_key(rows, gain), lambda: plausible)
+        arm = chooser.choose(rows, lambda: plausible)
         arms.append(arm)
         chooser.add(tokens=1.0, seconds=1.0 / rates[arm])
     return arms
@@ -281,18 +268,6 @@ def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
     run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 10)
     assert run_epochs(chooser, 32, {PLAN: 100.0, FULL: 20.0}, 30)[-1] == PLAN
     assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1)[-1] == FULL
-
-
-def test_block_chooser_learns_per_promise():
-    chooser = BlockChooser()
-    run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 10, gain=3.0)
-    # Batches that promise less at the same load (another task) keep their own record:
-    # there the full block loses, and is re-checked ever less often.
-    arms = np.array(run_epochs(chooser, 1, {PLAN: 100.0, FULL: 50.0}, 40, gain=0.3))
-    assert np.mean(arms[-20 * BlockChooser.EPOCH:] == FULL) < 0.15
-    # Back to the first kind: the full block at once.
-    assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1, gain=3.0) \
-        == [FULL] * BlockChooser.EPOCH
 
 
 def test_expected_rate_counts_sent_guesses_and_their_cost():
