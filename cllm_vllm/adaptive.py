@@ -82,19 +82,10 @@ makes the next prediction right). Where that costs more than it returns (a busy 
 the calibration below scales the promises down."""
 
 
-GAIN_CLASSES = 6
-
-
 def load_bucket(rows: int) -> int:
     """The load bucket of a step with ``rows`` requests (log2), for evidence that depends
     on the load: the calibration of promises and the plan-or-full-block choice."""
     return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
-
-
-def gain_class(gain: float) -> int:
-    """Half-doublings of ``1 + gain``: 0 for no gain, 2 for one more token per step, 4
-    for three."""
-    return min(int(2 * math.log2(1.0 + max(gain, 0.0))), GAIN_CLASSES - 1)
 
 
 def plan_draft_lengths(
@@ -152,15 +143,11 @@ class BlockChooser:
     block also buys later steps: its unaccepted tail is refined at every step, and a
     consistency-trained model's tail converges over several. Where the cost model says the
     full block costs little more than the plan (light load, cheap tokens; the caller
-    judges that cautiously, since a wrong try costs a whole epoch), the full block is also
-    tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a losing arm
-    is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
-
-    Evidence is kept per load bucket (requests per step, log2) and per class of what the
-    full block promises (its estimated exact tokens per request, :func:`gain_class`),
-    forgetting ``DECAY`` per epoch: the better arm at 4 requests says nothing about 64,
-    nor do batches whose guesses hold (a model that loops, a CLLM on a familiar task)
-    about batches whose guesses fail, though one engine serves both.
+    judges that cautiously, since a wrong try costs a whole epoch), the full block
+    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
+    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
+    Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
+    epoch: the better arm at 4 requests says nothing about 64.
     """
 
     EPOCH = 16
@@ -170,13 +157,12 @@ class BlockChooser:
     PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
 
     def __init__(self) -> None:
-        shape = (CALIBRATION_BUCKETS, GAIN_CLASSES)
-        self._tokens = np.zeros(shape + (2,))
-        self._seconds = np.zeros(shape + (2,))
-        self._since = np.zeros(shape, dtype=np.int64)
-        self._patience = np.ones(shape, dtype=np.int64)
+        self._tokens = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._seconds = np.zeros((CALIBRATION_BUCKETS, 2))
+        self._since = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
+        self._patience = np.ones(CALIBRATION_BUCKETS, dtype=np.int64)
         self.arm = PLAN
-        self._key: tuple[int, int] = (-1, 0)
+        self._bucket = -1
         self._steps = 0
         self._epoch_tokens = self._epoch_seconds = 0.0
 
@@ -185,51 +171,48 @@ class BlockChooser:
         self._epoch_tokens += tokens
         self._epoch_seconds += seconds
 
-    def rate(self, key: tuple[int, int], arm: int) -> float | None:
-        s = self._seconds[key][arm]
-        return float(self._tokens[key][arm] / s) if s > 0 else None
+    def rate(self, bucket: int, arm: int) -> float | None:
+        s = self._seconds[bucket, arm]
+        return float(self._tokens[bucket, arm] / s) if s > 0 else None
 
-    def choose(self, rows: int, full_is_plausible: Callable[[], bool],
-               full_gain: Callable[[], float]) -> int:
-        """The arm of the next step for ``rows`` requests. An epoch ends after ``EPOCH``
-        steps, or at once when the load moves to another bucket; the next one is filed
-        under the class of ``full_gain()``, the full block's estimated exact tokens per
-        request beyond the one every request makes."""
+    def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
+        """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
+        steps, or at once when the load moves to another bucket."""
         bucket = load_bucket(rows)
         self._steps += 1
-        if bucket == self._key[0] and self._steps <= self.EPOCH:
+        if bucket == self._bucket and self._steps <= self.EPOCH:
             return self.arm
         self._close()
-        self._key, self._steps = (bucket, gain_class(full_gain())), 1
-        self.arm = self._next_arm(self._key, full_is_plausible)
+        self._bucket, self._steps = bucket, 1
+        self.arm = self._next_arm(bucket, full_is_plausible)
         return self.arm
 
     def _close(self) -> None:
-        key, a = self._key, self.arm
-        if key[0] >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
-            before = self.rate(key, PLAN), self.rate(key, FULL)
+        b, a = self._bucket, self.arm
+        if b >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
+            before = self.rate(b, PLAN), self.rate(b, FULL)
             leader = None if None in before else int(before[FULL] > before[PLAN])
-            self._tokens[key][a] = self._tokens[key][a] * self.DECAY + self._epoch_tokens
-            self._seconds[key][a] = self._seconds[key][a] * self.DECAY + self._epoch_seconds
+            self._tokens[b, a] = self._tokens[b, a] * self.DECAY + self._epoch_tokens
+            self._seconds[b, a] = self._seconds[b, a] * self.DECAY + self._epoch_seconds
             if leader is not None and a != leader:  # an exploring epoch
-                if (self.rate(key, a) or 0.0) > (self.rate(key, leader) or 0.0):
-                    self._patience[key] = 1  # it leads now; the other gets re-checked soon
+                if (self.rate(b, a) or 0.0) > (self.rate(b, leader) or 0.0):
+                    self._patience[b] = 1  # it leads now; the other gets re-checked soon
                 else:
-                    self._patience[key] = min(2 * self._patience[key], self.MAX_PATIENCE)
+                    self._patience[b] = min(2 * self._patience[b], self.MAX_PATIENCE)
         self._epoch_tokens = self._epoch_seconds = 0.0
 
-    def _next_arm(self, key: tuple[int, int], full_is_plausible: Callable[[], bool]) -> int:
+    def _next_arm(self, b: int, full_is_plausible: Callable[[], bool]) -> int:
         if not full_is_plausible():
             return PLAN
-        plan, full = self.rate(key, PLAN), self.rate(key, FULL)
+        plan, full = self.rate(b, PLAN), self.rate(b, FULL)
         if plan is None:
             return PLAN
         if full is None:
             return FULL
         best = int(full > plan)
-        self._since[key] += 1
-        if self._since[key] >= self._patience[key]:
-            self._since[key] = 0
+        self._since[b] += 1
+        if self._since[b] >= self._patience[b]:
+            self._since[b] = 0
             return 1 - best
         return best
 

@@ -272,12 +272,10 @@ class JacobiProposer:
                 base_gain=base_gain,
             )
 
-            # The full block, for every request the plan drafts: it lengthens blocks that
-            # pay, and starts no request that the plan, from the request's own evidence,
-            # found not worth a guess (the full block's verdict is the batch's, not the
-            # request's); built only when the chooser asks.
+            # The full block, for every request whose next guess has a fair chance (one
+            # that never accepts stays out of it); built only when the chooser asks.
             def full_block() -> np.ndarray:
-                return np.where(lengths > 0, max_len, 0)
+                return np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
 
             def full_is_plausible() -> bool:
                 if not known:
@@ -287,11 +285,7 @@ class JacobiProposer:
                                          base_gain=base_gain)
                 return rate(full_block()) >= self.chooser.PLAUSIBLE * rate(lengths)
 
-            def full_gain() -> float:
-                in_block = np.arange(self.k)[None, :] < full_block()[:, None]
-                return float(survival[in_block].sum()) / rows
-
-            if self.chooser.choose(rows, full_is_plausible, full_gain) == FULL:
+            if self.chooser.choose(rows, full_is_plausible) == FULL:
                 lengths = full_block()
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
