@@ -138,20 +138,18 @@ def _local_rows(kwargs, params, prompts, start, chunk) -> Iterator[str]:
 
 
 def _ray_rows(kwargs, params, prompts, start, chunk, ray_opts) -> Iterator[str]:
-    from .ray_cluster import connect
+    from .ray_cluster import connect, replica_resources
 
     ray = connect(ray_opts)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if gpus:
-        resources: dict = {"num_gpus": 1}
-    else:
+    resources = replica_resources(ray_opts)
+    if "num_gpus" not in resources:
         # One engine per replica on its own CPUs: threads unpinned (replicas may share a
         # node), as many as the replica was given.
-        threads = str(ray_opts.cpus_per_worker)
-        resources = {"num_cpus": ray_opts.cpus_per_worker, "runtime_env": {"env_vars": {
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": threads}}}
+        resources["runtime_env"] = {"env_vars": {
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": str(ray_opts.cpus_per_worker)}}
         kwargs = {"distributed_executor_backend": "mp", **kwargs}
     items = [{"index": i, "prompt_token_ids": prompts[i]} for i in range(start, len(prompts))]
     ds = ray.data.from_items(items).map_batches(

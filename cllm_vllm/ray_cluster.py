@@ -46,6 +46,15 @@ def connect(options: RayOptions):
     return ray
 
 
+def replica_resources(options: RayOptions) -> dict:
+    """What each replica asks of the cluster: one GPU where it has GPUs, else
+    ``cpus_per_worker`` CPUs."""
+    ray = connect(options)
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    return {"num_cpus": options.cpus_per_worker}
+
+
 def _token_available() -> bool:
     from pathlib import Path
 

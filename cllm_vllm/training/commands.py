@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..fill import DEFAULT_FILL, FILL_POLICIES
+from ..ray_cluster import RayOptions
 from .losses import DISTANCES
 
 
@@ -39,8 +40,8 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="run on a Ray cluster: ADDRESS of its head (e.g. 10.0.0.1:6379), "
                         "or none for RAY_ADDRESS, a cluster running on this machine, "
                         "or a new local instance")
-    p.add_argument("--workers", type=int, default=2, help=f"{what} on Ray")
-    p.add_argument("--cpus-per-worker", type=int, default=1,
+    p.add_argument("--workers", type=int, default=RayOptions.workers, help=f"{what} on Ray")
+    p.add_argument("--cpus-per-worker", type=int, default=RayOptions.cpus_per_worker,
                    help="CPUs per replica where the cluster has no GPU (one GPU each "
                         "where it has)")
 
@@ -48,7 +49,8 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
 def ray_options(args):
     """The --ray flags as RayOptions (None without --ray), checked."""
     if args.ray is None:
-        if args.workers != 2 or args.cpus_per_worker != 1:
+        if (args.workers, args.cpus_per_worker) != (RayOptions.workers,
+                                                    RayOptions.cpus_per_worker):
             raise UsageError("--workers and --cpus-per-worker need --ray")
         return None
     if args.workers < 1 or args.cpus_per_worker < 1:
@@ -57,8 +59,6 @@ def ray_options(args):
 
     if importlib.util.find_spec("ray") is None:  # (not imported: see ray_cluster.connect)
         raise UsageError("--ray needs Ray: pip install 'cllm-vllm[ray]'")
-    from ..ray_cluster import RayOptions
-
     return RayOptions(address=args.ray or None, workers=args.workers,
                       cpus_per_worker=args.cpus_per_worker)
 

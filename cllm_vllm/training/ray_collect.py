@@ -14,7 +14,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 
-from ..ray_cluster import RayOptions, connect
+from ..ray_cluster import RayOptions, connect, replica_resources
 from .trajectories import (
     CollectJob,
     Shard,
@@ -27,8 +27,7 @@ from .trajectories import (
 
 def replica_device(options: RayOptions) -> str:
     """``cuda`` when the cluster has GPUs (one per replica), else ``cpu``."""
-    ray = connect(options)
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return "cuda" if "num_gpus" in replica_resources(options) else "cpu"
 
 
 class TeacherReplica:
@@ -60,8 +59,7 @@ def compute_shards(job: CollectJob, todo: list[int], device: str, dtype: str,
     ray = connect(options)
     from ray.exceptions import RayActorError, RayTaskError
 
-    resources = ({"num_gpus": 1} if device == "cuda" else {"num_cpus": options.cpus_per_worker})
-    actor_cls = ray.remote(**resources)(TeacherReplica)
+    actor_cls = ray.remote(**replica_resources(options))(TeacherReplica)
     expected = {key: manifest[key] for key in ("teacher_fingerprint", "tokenizer_hash")}
     job_ref = ray.put(job)
 
