@@ -53,7 +53,7 @@ level the gain is within the noise of the measured step cost, and a request that
 accepts must stop drafting rather than ride on the cost model's rounding."""
 
 REQUEST_DECAY = 0.9
-"""Forgetting per new observation of a request's own evidence (about its last ten count):
+"""Forgetting per step of a request's own evidence (about its last ten steps count):
 acceptance moves within a reply, e.g. when a model falls into a loop."""
 
 MIN_SPEEDUP = 1.1
@@ -142,17 +142,17 @@ class BlockChooser:
     The plan values a guess by its chance of acceptance in the next step alone. A long
     block also buys later steps: its unaccepted tail is refined at every step, and a
     consistency-trained model's tail converges over several. Where the cost model says the
-    full block, at its steady state, is worth nearly as much as the plan (light load,
-    cheap tokens, a model whose tails hold), the full block is also tried for an epoch of
-    ``EPOCH`` engine steps, and kept where it measures faster; a losing arm is tried
-    again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
+    full block costs little more than the plan (light load, cheap tokens; the caller
+    judges that cautiously, since a wrong try costs a whole epoch), the full block
+    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
+    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
     Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
     epoch: the better arm at 4 requests says nothing about 64.
     """
 
     EPOCH = 16
     MIN_STEPS = 4  # an epoch cut shorter than this (the load changed) is not recorded
-    DECAY = 0.85
+    DECAY = 0.7
     MAX_PATIENCE = 64
     PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
 
@@ -171,19 +171,15 @@ class BlockChooser:
         self._epoch_tokens += tokens
         self._epoch_seconds += seconds
 
-    def step(self) -> bool:
-        """An engine step begins (planned or not); whether the epoch has run out."""
-        self._steps += 1
-        return self._steps > self.EPOCH
-
     def rate(self, bucket: int, arm: int) -> float | None:
         s = self._seconds[bucket, arm]
         return float(self._tokens[bucket, arm] / s) if s > 0 else None
 
     def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
-        """The arm of this step for ``rows`` requests; an epoch ends after ``EPOCH`` steps
-        (counted by :meth:`step`), or at once when the load moves to another bucket."""
+        """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
+        steps, or at once when the load moves to another bucket."""
         bucket = load_bucket(rows)
+        self._steps += 1
         if bucket == self._bucket and self._steps <= self.EPOCH:
             return self.arm
         self._close()
@@ -316,7 +312,7 @@ class StepCostModel:
         xs = self._tokens[mask]
         ys = np.minimum.accumulate(self._seconds[mask][::-1])[::-1]
         if self.through_zero:
-            xs, ys = np.concatenate(([0.0], xs)), np.concatenate(([0.0], ys))
+            xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
         return xs, ys
 
     def _rebuild(self) -> None:
@@ -469,14 +465,15 @@ class AcceptanceTracker:
 
     def observe(self, slots: np.ndarray, tried: np.ndarray, matched: np.ndarray) -> None:
         """Record one step: ``tried[r]`` positions of the last guess were checked, the
-        first ``matched[r]`` of them held (``matched <= tried``). A request's old evidence
-        of a (source, position) fades only as new evidence of it comes: what it showed
-        stays its best estimate until then (a request whose tails failed is not sent into
-        a full block again on the strength of other requests' tails)."""
+        first ``matched[r]`` of them held (``matched <= tried``). Every row's old evidence
+        fades, so a request with none (it drafts nothing and has no copy to check)
+        drifts back to the engine-wide estimate and is tried again if that is good."""
         positions = np.arange(self.k)[None, :]
         trial = positions < tried[:, None]
         hit = positions < matched[:, None]
         cls = self._classes(self._guess_carried[slots], self._guess_source[slots])
+        self._hits[slots] *= REQUEST_DECAY
+        self._trials[slots] *= REQUEST_DECAY
         fade = POPULATION_DECAY ** np.count_nonzero(tried)
         self._pop_hits *= fade
         self._pop_trials *= fade
@@ -486,9 +483,8 @@ class AcceptanceTracker:
         t = np.zeros((len(slots), 3, self.k))
         h[rows, cls, positions] = hit
         t[rows, cls, positions] = trial
-        keep = np.where(t > 0, REQUEST_DECAY, 1.0)
-        self._hits[slots] = self._hits[slots] * keep + h
-        self._trials[slots] = self._trials[slots] * keep + t
+        self._hits[slots] += h
+        self._trials[slots] += t
         self._pop_hits += h.sum(axis=0)
         self._pop_trials += t.sum(axis=0)
 

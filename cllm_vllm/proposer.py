@@ -171,11 +171,9 @@ class JacobiProposer:
         if rows == 0:
             return []
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
-        epoch_over = False
         if self.chooser is not None:
             self.chooser.add(tokens=float(num_new.sum()))
-            epoch_over = self.chooser.step()
-        if self._rest and not self._seeded_rows and not epoch_over:
+        if self._rest and not self._seeded_rows:
             # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
             # Nothing is lost but evidence (the next plan scores nothing).
             self._rest, self._rested = self._rest - 1, True
@@ -257,63 +255,46 @@ class JacobiProposer:
             # requests always draft; then the nearest size measured has to do.)
             lengths = np.zeros(rows, dtype=np.int64)
         else:
-            # The cost curves are read only by a plan (not in a full-block epoch).
-            known = functools.cache(lambda: self.extra_cost.num_observed_bins > 0)
-            plain = functools.cache(lambda: self.plain_cost.predict_one(rows))
+            # A request that keeps drafting is judged at its steady state (all carried);
+            # one that would start, by its actual guess (see cllm_vllm.adaptive).
+            carried = np.where(sent, self.k, self._carried[:rows])
+            known = self.extra_cost.num_observed_bins > 0
+            survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
+            plain = self.plain_cost.predict_one(rows)
             base_gain = float(np.count_nonzero(num_new))
-            calibration = tracker.calibration(rows)
-            planned: tuple[np.ndarray, np.ndarray] | None = None
+            lengths = plan_draft_lengths(
+                survival,
+                # Nothing measured (lately) of what guesses cost: they look free, so they
+                # get tried and timed, one per request at most (a bounded probe).
+                max_len if known else np.minimum(max_len, 1),
+                plain_seconds=plain,
+                extra_seconds=self.extra_cost.predict if known else np.zeros_like,
+                base_gain=base_gain,
+            )
 
-            def plan() -> tuple[np.ndarray, np.ndarray]:
-                """Each guess valued by its chance in the next step: a request that keeps
-                drafting is judged at its steady state (all carried), one that would
-                start by its actual guess (see cllm_vllm.adaptive)."""
-                nonlocal planned
-                if planned is None:
-                    measured = known()
-                    carried = np.where(sent, self.k, self._carried[:rows])
-                    survival = tracker.survival(slots, carried, sources) * calibration
-                    planned = survival, plan_draft_lengths(
-                        survival,
-                        # Nothing measured (lately) of what guesses cost: they look free,
-                        # so they get tried and timed, one per request at most (a probe).
-                        max_len if measured else np.minimum(max_len, 1),
-                        plain_seconds=plain(),
-                        extra_seconds=self.extra_cost.predict if measured else np.zeros_like,
-                        base_gain=base_gain,
-                    )
-                return planned
-
-            def full_block() -> tuple[np.ndarray, np.ndarray]:
-                """The full block is a regime, not a step: every request in it keeps
-                drafting, so each is judged at its steady state (all of its guess
-                carried), also one with no tail yet (a CLLM's fresh guesses fail, its
-                tails hold). A request whose guesses fail even then sends none."""
-                steady = tracker.survival(slots, None, sources) * calibration
-                return steady, np.where(steady[:, 0] >= MIN_GAIN, max_len, 0)
+            # The full block, for every request whose next guess has a fair chance (one
+            # that never accepts stays out of it); built only when the chooser asks.
+            def full_block() -> np.ndarray:
+                return np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
 
             def full_is_plausible() -> bool:
-                if not known():
+                if not known:
                     return False
-                rate = functools.partial(expected_rate, plain_seconds=plain(),
+                rate = functools.partial(expected_rate, survival, plain_seconds=plain,
                                          extra_seconds=self.extra_cost.predict_in_proportion,
                                          base_gain=base_gain)
-                return rate(*full_block()) >= self.chooser.PLAUSIBLE * rate(*plan())
+                return rate(full_block()) >= self.chooser.PLAUSIBLE * rate(lengths)
 
-            promised = 0.0  # the full block's steady-state promises are not calibrated
             if self.chooser.choose(rows, full_is_plausible) == FULL:
-                lengths = full_block()[1]
-            else:
-                survival, lengths = plan()
-                positions = np.arange(self.k)[None, :]
-                promised = float(survival[positions < lengths[:, None]].sum())
+                lengths = full_block()
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.
                 seeded = np.asarray(self._seeded_rows, dtype=np.int64)
                 seeded = seeded[seeded < rows]
                 lengths[seeded] = max_len[seeded]
-            tracker.promise(promised, rows)
+            positions = np.arange(self.k)[None, :]
+            tracker.promise(float(survival[positions < lengths[:, None]].sum()), rows)
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
         tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths

@@ -166,7 +166,7 @@ def test_tracker_separates_requests_and_starts_new_ones_from_the_engine_average(
     assert bad[0] < new[0] < good[0]
 
 
-def test_a_request_keeps_its_own_record_until_new_evidence_comes():
+def test_a_request_without_evidence_returns_to_the_engine_estimate():
     tracker = AcceptanceTracker(k=2, capacity=4)
     slots = tracker.slots(["a", "b"])
     tails(tracker, slots)
@@ -175,12 +175,10 @@ def test_a_request_keeps_its_own_record_until_new_evidence_comes():
     assert tracker.survival(slots)[0, 0] < MIN_GAIN
     for _ in range(80):  # "a" drafts nothing and has nothing to check
         tracker.observe(slots, tried=np.array([0, 2]), matched=np.array([0, 2]))
-    # Its failures still speak for it; a new request starts from the engine's record.
+    # Back to the engine-wide rate at the first position (both requests' record).
     engine_rate = tracker.survival(tracker.slots(["a", "b", "new"]))[2, 0]
-    assert tracker.survival(slots)[0, 0] < MIN_GAIN < 0.3 < engine_rate
-    for _ in range(30):  # "a"'s guesses start to hold: its record follows
-        tracker.observe(slots, tried=np.array([1, 2]), matched=np.array([1, 2]))
-    assert tracker.survival(slots)[0, 0] > 0.8
+    assert tracker.survival(slots)[0, 0] == pytest.approx(engine_rate, abs=0.02)
+    assert engine_rate > 0.3
 
 
 def test_sources_are_judged_apart_position_by_position():
@@ -240,7 +238,6 @@ def run_epochs(chooser, rows, rates, epochs, plausible=True):
     tokens per second (one token per step); return the arm of each step."""
     arms = []
     for _ in range(epochs * BlockChooser.EPOCH):
-        chooser.step()
         arm = chooser.choose(rows, lambda: plausible)
         arms.append(arm)
         chooser.add(tokens=1.0, seconds=1.0 / rates[arm])
@@ -271,14 +268,6 @@ def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
     run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 10)
     assert run_epochs(chooser, 32, {PLAN: 100.0, FULL: 20.0}, 30)[-1] == PLAN
     assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1)[-1] == FULL
-
-
-def test_block_chooser_epochs_count_steps_the_plan_skipped():
-    chooser = BlockChooser()
-    chooser.step()
-    assert chooser.choose(1, lambda: True) == PLAN
-    over = [chooser.step() for _ in range(BlockChooser.EPOCH)]
-    assert over == [False] * (BlockChooser.EPOCH - 1) + [True]
 
 
 def test_expected_rate_counts_sent_guesses_and_their_cost():
