@@ -34,12 +34,12 @@ every setting (model, domain, c), and within a setting the methods take turns gr
 group (each group of ``c`` prompts is sent to every method before the next group, in an
 order rotated per group and per turn), so that a slow spell of the machine falls on all
 of them alike; a ratio is taken against the AR run of the same turn and setting, and the
-summary gives its median and range over the turns. Taking turns by group rather than by
-run cut the spread of an AR engine against an identical one several-fold
-(``benchmarks/noise_floor.py``: standard deviation of the per-turn ratio 0.090 -> 0.014 at
-c = 1, 0.126 -> 0.043 at c = 32, 6 turns), with medians 0.98-0.99. Each setting also
-records the 1-minute load average before it (``loadavg_1m``): on 2 cores, any other
-process slows a run several-fold.
+summary gives its median and range over the turns. Taking turns by group keeps the
+spread of an AR engine against an identical one steady whatever else the machine runs
+(``benchmarks/noise_floor.py``, two runs of 6 turns: standard deviation of the per-turn
+ratio 0.013-0.014 at c = 1 and 0.043-0.046 at c = 32, against 0.033-0.090 and 0.026-0.126
+taking turns by run). Each setting also records the 1-minute load average before it
+(``loadavg_1m``): on 2 cores, any other process slows a run several-fold.
 
 Per Jacobi run it records, from vLLM's per-request speculative metrics
 (``cllm_vllm.stats``), tokens and drafted tokens per decode step, counting the steps

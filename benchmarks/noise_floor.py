@@ -10,8 +10,8 @@ greedy), in-process engines built as the other benchmarks build them
 * ``spread``: AR against an identical AR engine at c = 1 (24 prompts) and c = 32 (96
   prompts), timed two ways in every turn: run by run (one engine's whole run after a few
   untimed requests, then the other's; the order alternating per turn) and group by group
-  (the engines take turns per group of ``c`` prompts, the order alternating per group and
-  turn: ``benchmarks/concurrency.py``'s protocol). Both engines are the same, so every
+  (the engines take turns per group of ``c`` prompts, the order rotated per group and
+  turn: ``benchmarks/concurrency.py``'s protocol and code). Both engines are the same, so every
   departure of their ratio from 1 is the machine.
 * ``floor``: at c = 32 (96 prompts), group by group: AR, Jacobi whose drafter never
   drafts (``num_speculative_tokens_per_batch_size`` ``[(1, 1024, 0)]``: vLLM's
@@ -30,10 +30,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concurrency import run_groups, run_interleaved  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "noise_floor"
 MAX_TOKENS = 96
@@ -43,31 +46,24 @@ FLOOR = (32, 96)
 K = 16
 
 
-def timed(llm, prompts, params) -> float:
-    t = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    return time.perf_counter() - t
-
-
-def run_by_run(engines: dict, groups, warm, params, turn: int) -> dict[str, float]:
-    names = list(engines)
-    if turn % 2:
-        names.reverse()
+def run_by_run(engines: dict, prompts, warm, c: int, turn: int) -> dict[str, float]:
+    """Seconds per engine: each runs all of ``prompts`` (``c`` at a time) in turn, after a
+    few untimed requests; the order alternates per turn."""
+    names = list(engines)[::-1] if turn % 2 else list(engines)
     secs = {}
     for name in names:
-        engines[name].generate(warm, params, use_tqdm=False)
-        secs[name] = sum(timed(engines[name], g, params) for g in groups)
+        run_groups(engines[name], warm, MAX_TOKENS, len(warm))
+        secs[name] = run_groups(engines[name], prompts, MAX_TOKENS, c)[1]
     return secs
 
 
-def group_by_group(engines: dict, groups, params, turn: int) -> dict[str, float]:
+def group_by_group(engines: dict, prompts, c: int, turn: int) -> dict[str, float]:
+    """Seconds per engine, taking turns per group (``concurrency.py``'s protocol)."""
     names = list(engines)
-    secs = dict.fromkeys(names, 0.0)
-    for g, group in enumerate(groups):
-        k = (g + turn) % len(names)
-        for name in names[k:] + names[:k]:
-            secs[name] += timed(engines[name], group, params)
-    return secs
+    k = turn % len(names)
+    order = names[k:] + names[:k]
+    timed = run_interleaved({m: engines[m] for m in order}, prompts, MAX_TOKENS, c)
+    return {m: secs for m, (_, secs) in timed.items()}
 
 
 def summary(ratios: list[float]) -> dict:
@@ -86,8 +82,6 @@ def main(argv=None) -> int:
         ap.error("--turns must be >= 2 (a spread needs two turns)")
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from cllm_vllm.evaluation import BUNDLED_TEACHER, heldout_records, spec_engine
     from cllm_vllm.training.data import encode_prompt
@@ -95,10 +89,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(BUNDLED_TEACHER))
     n_max = max(n for _, n in SPREAD + (FLOOR,))
-    prompts = [TokensPrompt(prompt_token_ids=encode_prompt(tok, r["messages"]))
+    prompts = [encode_prompt(tok, r["messages"])
                for r in heldout_records("arithmetic", n_max + WARMUP)]
     warm, prompts = prompts[-WARMUP:], prompts[:n_max]
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     jacobi = {"method": "jacobi", "num_speculative_tokens": K}
     engines = {
         "ar": spec_engine(BUNDLED_TEACHER, None),
@@ -108,19 +101,18 @@ def main(argv=None) -> int:
         "adaptive": spec_engine(BUNDLED_TEACHER, jacobi),
     }
     for llm in engines.values():
-        llm.generate(warm, params, use_tqdm=False)
+        run_groups(llm, warm, MAX_TOKENS, len(warm))
 
     result: dict = {"model": str(BUNDLED_TEACHER), "domain": "arithmetic",
                     "max_tokens": MAX_TOKENS, "k": K, "turns": args.turns,
                     "cpus": os.cpu_count(), "spread": {}, "floor": {}}
     twins = {m: engines[m] for m in ("ar", "ar_twin")}
     for c, n in SPREAD:
-        groups = [prompts[i: i + c] for i in range(0, n, c)]
         runs, grouped = [], []
         for turn in range(args.turns):
-            s = run_by_run(twins, groups, warm[:min(c, WARMUP)], params, turn)
+            s = run_by_run(twins, prompts[:n], warm[:min(c, WARMUP)], c, turn)
             runs.append(s["ar"] / s["ar_twin"])
-            s = group_by_group(twins, groups, params, turn)
+            s = group_by_group(twins, prompts[:n], c, turn)
             grouped.append(s["ar"] / s["ar_twin"])
             print(f"spread c={c} turn {turn}: twin/AR speed run by run {runs[-1]:.3f}, "
                   f"group by group {grouped[-1]:.3f}", flush=True)
@@ -128,11 +120,10 @@ def main(argv=None) -> int:
                                       "group_by_group": summary(grouped)}
 
     c, n = FLOOR
-    groups = [prompts[i: i + c] for i in range(0, n, c)]
     trio = {m: engines[m] for m in ("ar", "never_drafts", "adaptive")}
     ratios: dict[str, list[float]] = {"never_drafts": [], "adaptive": []}
     for turn in range(args.turns):
-        s = group_by_group(trio, groups, params, turn)
+        s = group_by_group(trio, prompts[:n], c, turn)
         for m in ratios:
             ratios[m].append(s["ar"] / s[m])
         print(f"floor c={c} turn {turn}: " + ", ".join(
