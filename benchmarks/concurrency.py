@@ -439,6 +439,7 @@ def main(argv=None) -> int:
                         got[m] = [list(o.outputs[0].token_ids) for o in outs]
                         n_tok = sum(len(x) for x in got[m])
                         row = {"turn": turn, "model": name, "domain": d, "c": c, "method": m,
+                               # its place in the first group (rotated per group)
                                "position": order.index(m), "prompts": n,
                                "output_tokens": n_tok, "seconds": round(secs, 3),
                                "tok_s": round(n_tok / secs, 1), "loadavg_1m": load}

@@ -20,7 +20,7 @@ greedy), in-process engines built as the other benchmarks build them
   so this is what the adaptive policy costs where it should not draft.
 
 Prints per-turn ratios and a summary (median, range, standard deviation) and writes
-``noise_floor.json`` to ``--out`` (default ``benchmarks/results/noise_floor/``). About 6
+``noise_floor.json`` to ``--out`` (default ``benchmarks/results/noise_floor/``). About 3
 minutes on the project's 2-core machine.
 """
 
@@ -69,7 +69,7 @@ def group_by_group(engines: dict, prompts, c: int, turn: int) -> dict[str, float
 def summary(ratios: list[float]) -> dict:
     return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
             "max": round(max(ratios), 3),
-            "stdev": round(statistics.stdev(ratios), 3) if len(ratios) > 1 else 0.0,
+            "stdev": round(statistics.stdev(ratios), 3),
             "turns": [round(r, 3) for r in ratios]}
 
 
