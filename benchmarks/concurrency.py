@@ -5,9 +5,10 @@ held-out prompts (arithmetic, ShareGPT; encoded and given ``MAX_TOKENS`` new tok
 the demo) and each concurrency ``c``, it measures output tokens/s of AR decoding, Jacobi
 with a fixed block (``"adaptive": False``) and Jacobi with the adaptive per-request draft
 length (the package's default), k = 16, the package's default fill, greedy, float32.
+``--methods`` may add ``fixed-N``, a fixed block of ``N`` guesses (``fixed`` is ``k``).
 
     python benchmarks/concurrency.py [--concurrency 1 4 16 32 64] [--turns 5]
-        [--methods ar fixed adaptive] [--models CLLM teacher] [--domains ...]
+        [--methods ar fixed adaptive fixed-N] [--models CLLM teacher] [--domains ...]
         [--prompts-per-c 3] [--min-prompts 64] [--out DIR]
     python benchmarks/concurrency.py --quick     # smoke test: c = 1 and 8, 1 turn, to quick/
     python benchmarks/concurrency.py --render DIR/concurrency.json   # the table again
@@ -94,11 +95,27 @@ def num_prompts(c: int, per_c: int, minimum: int) -> int:
 
 # -- engines ------------------------------------------------------------------------------
 
+def method_name(text: str) -> str:
+    """A ``--methods`` entry: one of ``METHODS``, or ``fixed-N`` (a fixed block of ``N``
+    guesses instead of ``--k``: what a short block would give where the adaptive policy
+    drafts little)."""
+    if text in METHODS:
+        return text
+    size = text.removeprefix("fixed-")
+    if size != text and size.isdigit() and int(size) >= 1:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown method {text!r}: choose from {', '.join(METHODS)} or fixed-N (N >= 1)")
+
+
 def speculative_configs(methods, k: int = K) -> dict[str, dict | None]:
     """The ``speculative_config`` of each method (None: AR); the package's default fill."""
     base = {"method": "jacobi", "num_speculative_tokens": k}
     modes = {"ar": None, "fixed": {**base, "adaptive": False},
              "adaptive": {**base, "adaptive": True}}
+    for m in methods:
+        if m.startswith("fixed-"):
+            modes[m] = {**base, "num_speculative_tokens": int(m[6:]), "adaptive": False}
     return {m: modes[m] for m in methods}
 
 
@@ -317,6 +334,8 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.8), squeeze=False,
                              sharey=True)
     styles = {"fixed": "o-", "adaptive": "s--"}
+    others = [m for m in jac if m not in styles]  # fixed-N: one marker each
+    styles.update({m: f"{'^vDx*P'[i % 6]}:" for i, m in enumerate(others)})
     for ax, domain in zip(axes[0], domains):
         for i, model in enumerate(models):
             for m in jac:
@@ -352,7 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["CLLM", "teacher"],
                     help="CLLM, teacher, or NAME=PATH")
     ap.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", type=method_name, default=list(METHODS),
+                    help=f"{' '.join(METHODS)} (default: all) or fixed-N")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None,
                     help=f"default {' '.join(map(str, CONCURRENCY))}")
     ap.add_argument("--turns", type=int, default=None, help=f"default {TURNS}")
