@@ -95,14 +95,16 @@ def num_prompts(c: int, per_c: int, minimum: int) -> int:
 
 # -- engines ------------------------------------------------------------------------------
 
+def fixed_size(method: str) -> int | None:
+    """``N`` for a method ``fixed-N`` (a fixed block of ``N`` guesses instead of ``--k``:
+    what a short block would give where the adaptive policy drafts little), else None."""
+    size = method.removeprefix("fixed-")
+    return int(size) if size != method and size.isdigit() and int(size) >= 1 else None
+
+
 def method_name(text: str) -> str:
-    """A ``--methods`` entry: one of ``METHODS``, or ``fixed-N`` (a fixed block of ``N``
-    guesses instead of ``--k``: what a short block would give where the adaptive policy
-    drafts little)."""
-    if text in METHODS:
-        return text
-    size = text.removeprefix("fixed-")
-    if size != text and size.isdigit() and int(size) >= 1:
+    """A ``--methods`` entry: one of ``METHODS``, or ``fixed-N``."""
+    if text in METHODS or fixed_size(text) is not None:
         return text
     raise argparse.ArgumentTypeError(
         f"unknown method {text!r}: choose from {', '.join(METHODS)} or fixed-N (N >= 1)")
@@ -113,9 +115,8 @@ def speculative_configs(methods, k: int = K) -> dict[str, dict | None]:
     base = {"method": "jacobi", "num_speculative_tokens": k}
     modes = {"ar": None, "fixed": {**base, "adaptive": False},
              "adaptive": {**base, "adaptive": True}}
-    for m in methods:
-        if m.startswith("fixed-"):
-            modes[m] = {**base, "num_speculative_tokens": int(m[6:]), "adaptive": False}
+    modes.update({m: {**base, "num_speculative_tokens": n, "adaptive": False}
+                  for m in methods if (n := fixed_size(m)) is not None})
     return {m: modes[m] for m in methods}
 
 
@@ -343,7 +344,7 @@ def plot(summary: list[dict], path: Path) -> None:
                              and r["method"] == m and r["vs_ar"] is not None),
                             key=lambda r: r["c"])
                 if rs:
-                    ratio_line(ax, rs, fmt=styles.get(m, "^-."), color=f"C{i}",
+                    ratio_line(ax, rs, fmt=styles[m], color=f"C{i}",
                                label=f"{model}, {m}")
         speedup_axis(ax, sorted(dict.fromkeys(r["c"] for r in summary)), domain)
     axes[0][0].set_ylabel("Jacobi / AR output tok/s\n(median over turns, range; log)")

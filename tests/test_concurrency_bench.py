@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def concurrency():
-    # The script makes its engines in-process at import; that must not leak into the
-    # tests that start real `vllm serve` processes.
+    # Importing the script sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (its engines run
+    # in-process); that must not leak into the tests that start real `vllm serve`.
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
