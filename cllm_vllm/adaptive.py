@@ -33,8 +33,10 @@ Because ``s_r(i)`` never grows with ``i``, the best plan for a given total of dr
 takes the largest ``s_r(i)`` over all requests; :func:`plan_draft_lengths` tries every
 total at once and keeps the best ratio. The promises ``s_r`` are first scaled by how many
 of them came true lately at the same load (:meth:`AcceptanceTracker.calibration`), and a
-plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. Everything here is
-plain numpy over the batch: no per-token Python loop.
+plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. The work of a step
+(scoring last step's guesses, updating the estimates, planning) is a few compiled (numba)
+passes over the batch: at batch 1 a few dozen numpy calls would cost more than a short
+block gains.
 
 Statistics are kept per request id only to choose lengths; what is proposed never depends
 on them, so preemption, recompute and batch reordering cannot change any output.
@@ -45,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numba
 import numpy as np
 
 MIN_GAIN = 0.1
@@ -105,30 +108,49 @@ def plan_draft_lengths(
     guesses in all add to it (vectorised); ``base_gain``: exact tokens without a guess.
     """
     rows, k = survival.shape
-    positions = np.arange(k)
-    usable = (positions[None, :] < np.asarray(max_len)[:, None]) & (survival >= min_gain)
-    gains = survival[usable]
-    if gains.size == 0:
-        return np.zeros(rows, dtype=np.int64)
-    order = np.argsort(-gains, kind="stable")
-    expected = base_gain + np.concatenate([[0.0], np.cumsum(gains[order])])
-    seconds = np.full(gains.size + 1, float(plain_seconds))
-    seconds[1:] += extra_seconds(np.arange(1, gains.size + 1))
-    rate = expected / seconds
-    best = int(np.argmax(rate))  # the first best: fewer tokens on a tie
-    if rate[best] < min_speedup * rate[0]:
-        best = 0
-    owners = np.nonzero(usable)[0][order[:best]]
-    return np.bincount(owners, minlength=rows).astype(np.int64)
+    # What every total of guesses would add (at most rows * k of them can be usable).
+    extra = np.asarray(extra_seconds(np.arange(1, rows * k + 1)), dtype=np.float64)
+    return _best_lengths(np.asarray(survival, dtype=np.float64),
+                         np.asarray(max_len, dtype=np.int64), float(plain_seconds), extra,
+                         float(base_gain), min_gain, min_speedup)
+
+
+@numba.njit(cache=True)
+def _best_lengths(survival, max_len, plain_seconds, extra, base_gain, min_gain, min_speedup):
+    """:func:`plan_draft_lengths` once the cost of every total is known: the usable
+    guesses, best first (ties in row order), and the total with the best rate (the first
+    best: fewer tokens on a tie)."""
+    rows, k = survival.shape
+    gains, owners = np.empty(rows * k), np.empty(rows * k, np.int64)
+    n = 0
+    for r in range(rows):
+        for i in range(min(max_len[r], k)):
+            if survival[r, i] >= min_gain:
+                gains[n], owners[n] = survival[r, i], r
+                n += 1
+    order = np.argsort(-gains[:n], kind="mergesort")  # stable
+    lengths = np.zeros(rows, np.int64)
+    first_rate = base_gain / plain_seconds
+    expected, best, best_rate = base_gain, 0, first_rate
+    for t in range(n):
+        expected += gains[order[t]]
+        rate = expected / (plain_seconds + extra[t])
+        if rate > best_rate:
+            best, best_rate = t + 1, rate
+    if best_rate < min_speedup * first_rate:
+        return lengths
+    for t in range(best):
+        lengths[owners[order[t]]] += 1
+    return lengths
 
 
 def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: float,
                   extra_seconds: Callable[[int], float], base_gain: float) -> float:
     """Expected exact tokens per second of a step that sends ``lengths`` guesses per row."""
-    sent = np.arange(survival.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    m = int(np.count_nonzero(sent))
+    lengths = np.minimum(lengths, survival.shape[1]).astype(np.int64)
+    m = int(lengths.sum())
     seconds = plain_seconds + (extra_seconds(m) if m else 0.0)
-    return (base_gain + float(survival[sent].sum())) / seconds
+    return (base_gain + sent_survival(survival, lengths)) / seconds
 
 
 PLAN, FULL = 0, 1
@@ -257,10 +279,6 @@ class StepCostModel:
         self._observed = 0
         self._xs = self._ys = np.zeros(0)
 
-    @property
-    def _weight(self) -> np.ndarray:
-        return self._raw_weight * self.FADE ** (self._now - self._stamp)
-
     def _weight_of(self, b: int) -> float:
         return float(self._raw_weight[b]) * self.FADE ** (self._now - float(self._stamp[b]))
 
@@ -274,8 +292,8 @@ class StepCostModel:
     def knows(self, tokens: int) -> bool:
         """Whether a size within half a doubling of ``tokens`` has been measured lately."""
         b = self._bin(tokens)
-        return any(self._weight_of(i) >= self.DROP
-                   for i in range(max(b - 2, 0), min(b + 3, len(self._stamp))))
+        return _any_live(self._raw_weight, self._stamp, self._now, max(b - 2, 0),
+                         min(b + 3, len(self._stamp)), self.FADE, self.DROP)
 
     def age(self) -> None:
         """A step passed that this curve has no observation of: its evidence fades all
@@ -306,31 +324,13 @@ class StepCostModel:
         self._seconds[b] += (seconds - self._seconds[b]) / w
         self._dirty = True
 
-    def _line(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The bins in ``mask`` as an interpolation table. A step never gets cheaper by
-        running more tokens: where noise says otherwise, believe the cheaper, larger step."""
-        xs = self._tokens[mask]
-        ys = np.minimum.accumulate(self._seconds[mask][::-1])[::-1]
-        if self.through_zero:
-            xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
-        return xs, ys
-
     def _rebuild(self) -> None:
-        """The curve predict() reads, rebuilt when read after new observations. A bin
-        seen once is only believed where it says a size is cheaper than the
-        established bins do: a one-off stall must not hide a size from the policy."""
+        """The curve predict() reads, rebuilt when read after new observations (see
+        :func:`_cost_curve`)."""
         self._dirty = False
-        weight = self._weight
-        live = weight >= self.DROP
-        established = weight >= self.ESTABLISHED
-        use = live
-        if established.any():
-            tentative = live & ~established
-            xs, ys = self._line(established)
-            cheaper = self._seconds < np.interp(self._tokens, xs, ys)
-            use = established | (tentative & cheaper)
-        self._observed = int(np.count_nonzero(use))
-        self._xs, self._ys = self._line(use)
+        self._xs, self._ys, self._observed = _cost_curve(
+            self._raw_weight, self._stamp, self._now, self._tokens, self._seconds,
+            self.FADE, self.DROP, self.ESTABLISHED, self.through_zero)
 
     def predict_in_proportion(self, tokens: int) -> float:
         """Like :meth:`predict_one`, but beyond the largest size measured in proportion to
@@ -341,13 +341,60 @@ class StepCostModel:
         return seconds
 
     def predict_one(self, tokens: int) -> float:
-        return float(self.predict(np.array([tokens]))[0])
+        if not self.num_observed_bins:  # (rebuilds the curve if needed)
+            return 1.0
+        return float(np.interp(tokens, self._xs, self._ys))
 
     def predict(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.float64)
         if not self.num_observed_bins:  # (rebuilds the curve if needed)
             return np.ones_like(tokens)
         return np.interp(tokens, self._xs, self._ys)
+
+
+@numba.njit(cache=True)
+def _any_live(raw_weight, stamp, now, lo, hi, fade, drop):
+    """Whether any bin in ``lo..hi-1`` still counts (:meth:`StepCostModel.knows`)."""
+    for b in range(lo, hi):
+        if raw_weight[b] * fade ** (now - stamp[b]) >= drop:
+            return True
+    return False
+
+
+@numba.njit(cache=True)
+def _line(use, tokens, seconds, through_zero):
+    """The bins in ``use`` as an interpolation table. A step never gets cheaper by running
+    more tokens: where noise says otherwise, believe the cheaper, larger step."""
+    first = 1 if through_zero else 0  # (0, 0): nothing added costs nothing
+    n = first + np.count_nonzero(use)
+    xs, ys = np.zeros(n), np.zeros(n)
+    j = first
+    for b in range(len(use)):
+        if use[b]:
+            xs[j], ys[j] = tokens[b], seconds[b]
+            j += 1
+    for j in range(n - 2, first - 1, -1):
+        ys[j] = min(ys[j], ys[j + 1])
+    return xs, ys
+
+
+@numba.njit(cache=True)
+def _cost_curve(raw_weight, stamp, now, tokens, seconds, fade, drop, established_weight,
+                through_zero):
+    """:class:`StepCostModel`'s curve ``(xs, ys, bins used)``, one compiled pass (it is
+    rebuilt at nearly every engine step). A bin seen once is only believed where it says
+    a size is cheaper than the established bins do: a one-off stall must not hide a size
+    from the policy."""
+    weight = raw_weight * fade ** (now - stamp)
+    use = weight >= drop
+    established = weight >= established_weight
+    if established.any():
+        xs, ys = _line(established, tokens, seconds, through_zero)
+        for b in range(len(use)):
+            if use[b] and not established[b]:
+                use[b] = seconds[b] < np.interp(tokens[b], xs, ys)
+    xs, ys = _line(use, tokens, seconds, through_zero)
+    return xs, ys, np.count_nonzero(use)
 
 
 TAIL, COPY, FRESH = 0, 1, 2
@@ -458,35 +505,15 @@ class AcceptanceTracker:
         """Which rows sent guesses in the last step."""
         return self._sent[slots] > 0
 
-    def _classes(self, carried: np.ndarray, sources: np.ndarray) -> np.ndarray:
-        """The source of each guess position of each row (rows x k)."""
-        positions = np.arange(self.k)[None, :]
-        return np.where(positions < carried[:, None], sources[:, None], FRESH)
-
     def observe(self, slots: np.ndarray, tried: np.ndarray, matched: np.ndarray) -> None:
         """Record one step: ``tried[r]`` positions of the last guess were checked, the
         first ``matched[r]`` of them held (``matched <= tried``). Every row's old evidence
         fades, so a request with none (it drafts nothing and has no copy to check)
         drifts back to the engine-wide estimate and is tried again if that is good."""
-        positions = np.arange(self.k)[None, :]
-        trial = positions < tried[:, None]
-        hit = positions < matched[:, None]
-        cls = self._classes(self._guess_carried[slots], self._guess_source[slots])
-        self._hits[slots] *= REQUEST_DECAY
-        self._trials[slots] *= REQUEST_DECAY
-        fade = POPULATION_DECAY ** np.count_nonzero(tried)
-        self._pop_hits *= fade
-        self._pop_trials *= fade
-        rows = np.arange(len(slots))[:, None]
-        # Each (row, position) falls in one class: scatter the 0/1 outcomes there.
-        h = np.zeros((len(slots), 3, self.k))
-        t = np.zeros((len(slots), 3, self.k))
-        h[rows, cls, positions] = hit
-        t[rows, cls, positions] = trial
-        self._hits[slots] += h
-        self._trials[slots] += t
-        self._pop_hits += h.sum(axis=0)
-        self._pop_trials += t.sum(axis=0)
+        _observe_rows(self._hits, self._trials, self._pop_hits, self._pop_trials, slots,
+                      np.asarray(tried, dtype=np.int64), np.asarray(matched, dtype=np.int64),
+                      self._guess_carried, self._guess_source, REQUEST_DECAY,
+                      POPULATION_DECAY)
 
     def survival(self, slots: np.ndarray, carried: np.ndarray | None = None,
                  sources: np.ndarray | None = None) -> np.ndarray:
@@ -496,19 +523,59 @@ class AcceptanceTracker:
         n = len(slots)
         carried = np.full(n, self.k) if carried is None else carried
         sources = np.full(n, TAIL) if sources is None else sources
-        cls = self._classes(carried, sources)
-        positions = np.arange(self.k)[None, :]
-        prior = ((self._pop_hits + OPTIMISM) / (self._pop_trials + 1.0))[cls, positions]
-        rows = np.arange(n)[:, None]
-        hits = self._hits[slots][rows, cls, positions]
-        trials = self._trials[slots][rows, cls, positions]
-        cond = (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
-        return np.cumprod(cond, axis=1)
+        return _survival_rows(self._hits, self._trials, self._pop_hits, self._pop_trials,
+                              slots, np.asarray(carried, dtype=np.int64),
+                              np.asarray(sources, dtype=np.int64), OPTIMISM, PRIOR_WEIGHT,
+                              np.empty((n, self.k)))
 
 
-def verified_prefix(guess: np.ndarray, guess_len: np.ndarray, exact: np.ndarray,
-                    exact_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Compare each row's last guess with the exact tokens that followed it.
+# The tracker's per-step work, compiled (see the module's docstring).
+
+@numba.njit(cache=True)
+def _observe_rows(hits, trials, pop_hits, pop_trials, slots, tried, matched, carried,
+                  sources, decay, pop_decay):
+    """:meth:`AcceptanceTracker.observe`: every row's 0/1 outcomes at each checked
+    position go to the class of the guess there (``carried``/``sources`` per slot: its
+    first ``carried`` tokens came from ``sources``, the rest were FRESH)."""
+    k = hits.shape[2]
+    fade = pop_decay ** np.count_nonzero(tried)
+    pop_hits *= fade
+    pop_trials *= fade
+    for r in range(len(slots)):
+        s = slots[r]
+        hits[s] *= decay
+        trials[s] *= decay
+        for i in range(min(tried[r], k)):
+            c = sources[s] if i < carried[s] else FRESH
+            trials[s, c, i] += 1.0
+            pop_trials[c, i] += 1.0
+            if i < matched[r]:
+                hits[s, c, i] += 1.0
+                pop_hits[c, i] += 1.0
+
+
+@numba.njit(cache=True)
+def _survival_rows(hits, trials, pop_hits, pop_trials, slots, carried, sources, optimism,
+                   prior_weight, out):
+    """:meth:`AcceptanceTracker.survival` into ``out`` (rows x k): each position's
+    conditional acceptance, the request's own decayed counts shrunk towards the engine's
+    (which starts from one ``optimism`` pseudo-trial), multiplied along the row."""
+    for r in range(len(slots)):
+        s = slots[r]
+        p = 1.0
+        for i in range(out.shape[1]):
+            c = sources[r] if i < carried[r] else FRESH
+            prior = (pop_hits[c, i] + optimism) / (pop_trials[c, i] + 1.0)
+            p *= (hits[s, c, i] + prior_weight * prior) / (trials[s, c, i] + prior_weight)
+            out[r, i] = p
+    return out
+
+
+@numba.njit(cache=True)
+def verified_prefix(guess, guess_len, tokens, first, exact_len):
+    """Compare each row's last guess with the exact tokens that followed it, read in place
+    from ``tokens`` (row ``r``'s: ``exact_len[r]`` of them from column ``first[r]``, as
+    in vLLM's token buffer).
 
     Returns ``(tried, matched)`` per row: ``matched`` is the length of the common prefix,
     ``tried`` the positions whose outcome is known (the matched ones and the first
@@ -516,10 +583,44 @@ def verified_prefix(guess: np.ndarray, guess_len: np.ndarray, exact: np.ndarray,
     well: their outcome is as known as a verified one's, so a request that drafts nothing
     still measures what its next guess would have got.
     """
-    width = min(guess.shape[1], exact.shape[1])
-    known = np.minimum(guess_len, exact_len)
-    positions = np.arange(width)[None, :]
-    same = (guess[:, :width] == exact[:, :width]) & (positions < known[:, None])
-    matched = np.cumprod(same, axis=1).sum(axis=1)
-    tried = np.minimum(matched + 1, known)
+    n = guess.shape[0]
+    tried = np.zeros(n, np.int64)
+    matched = np.zeros(n, np.int64)
+    for r in range(n):
+        known = min(guess_len[r], exact_len[r], guess.shape[1],
+                    tokens.shape[1] - first[r])
+        m = 0
+        while m < known and guess[r, m] == tokens[r, first[r] + m]:
+            m += 1
+        matched[r], tried[r] = m, min(m + 1, known)
     return tried, matched
+
+
+@numba.njit(cache=True)
+def sent_survival(survival, lengths):
+    """The expected accepted guesses of a step that sends ``lengths[r]`` guesses of each
+    row: ``sum_r s_r(0) + .. + s_r(lengths[r] - 1)``."""
+    total = 0.0
+    for r in range(survival.shape[0]):
+        for i in range(min(lengths[r], survival.shape[1])):
+            total += survival[r, i]
+    return total
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) this module's kernels, before anything is
+    timed: a first call compiles for about a second otherwise."""
+    tracker = AcceptanceTracker(2, 1)
+    slots = tracker.slots(["warm-up"])
+    one, two = np.ones(1, dtype=np.int64), np.zeros((1, 2), dtype=np.int64)
+    tracker.remember(slots, two, one, one, one, one)
+    for dtype in (np.int32, np.int64):  # vLLM's token buffer, and tests' arrays
+        tracker.observe(slots, *verified_prefix(two, one, np.zeros((1, 3), dtype=dtype),
+                                                one - 1, one))
+    survival = tracker.survival(slots, one, one)
+    sent_survival(survival, one)
+    plan_draft_lengths(survival, one, 1.0, np.zeros_like, 1.0)
+    cost = StepCostModel(through_zero=True)
+    cost.observe(1, 1.0)
+    cost.observe(1, 1.0)
+    cost.knows(1)
+    cost.predict_one(2)

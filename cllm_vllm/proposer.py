@@ -23,9 +23,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
+from cllm_vllm import adaptive
 from cllm_vllm.adaptive import (
     COPY,
     FULL,
@@ -36,6 +38,7 @@ from cllm_vllm.adaptive import (
     StepCostModel,
     expected_rate,
     plan_draft_lengths,
+    sent_survival,
     verified_prefix,
 )
 from cllm_vllm.config import JacobiOptions
@@ -89,7 +92,11 @@ class JacobiProposer:
         self._rest = 0  # steps left to rest
         self._idle_plans = 0  # plans in a row that sent no guess
         self._rested = False
-        warm_up()  # compile the fill kernels now, not inside the first timed step
+        warm_up()  # compile the kernels now, not inside the first timed step
+        _split_tails(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64),
+                     self._tails)
+        if self.tracker is not None:
+            adaptive.warm_up()
         logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
                     self.options.fill, self.options.adaptive)
 
@@ -213,38 +220,23 @@ class JacobiProposer:
         return self._k_by_batch[min(rows, len(self._k_by_batch) - 1)]
 
     def _verified_tails(self, num_new: np.ndarray) -> np.ndarray:
-        """Fill ``self._tails`` with each row's unaccepted Jacobi tail; return its lengths.
-
-        Row ``i`` owns argmax rows ``[off_i, off_i + d_i + 1)``; the first ``a_i + 1`` are
-        exact (``a_i = num_new_i - 1`` accepted guesses), the rest is the tail.
-        """
+        """Fill ``self._tails`` with each row's unaccepted Jacobi tail; return its lengths."""
         rows = len(num_new)
         if self._argmax is None or self._num_draft is None:
             return np.zeros(rows, dtype=np.int64)
-        argmax = self._argmax.cpu().numpy()
-        drafted = self._num_draft[:rows]
-        offsets = np.concatenate([[0], np.cumsum(drafted + 1)[:-1]])
-        start = offsets + num_new  # first tail row; rows without a sample have no tail
-        lens = np.where(num_new > 0, np.maximum(drafted + 1 - num_new, 0), 0)
-        j = np.arange(self.k)[None, :]
-        src = np.minimum(start[:, None] + j, len(argmax) - 1)
-        np.copyto(self._tails[:rows], argmax[src], where=j < lens[:, None])
-        return lens
+        return _split_tails(self._argmax.cpu().numpy(), self._num_draft[:rows], num_new,
+                            self._tails)
 
     def _plan(self, rows, num_new, num_tokens, token_ids_cpu, guesses, max_len) -> np.ndarray:
         """Learn from this step's outcome, then choose every row's draft length."""
         tracker = self.tracker
         slots = tracker.slots(self._req_ids[:rows])
-        # The tokens this step made exact, read from vLLM's buffer (they end each row).
-        width = self.k + 1
-        j = np.arange(width)[None, :]
-        first = np.maximum(num_tokens - num_new, 0)
-        exact = token_ids_cpu[np.arange(rows)[:, None], np.minimum(first[:, None] + j,
-                                                                   token_ids_cpu.shape[1] - 1)]
         last_guess, last_len = tracker.last_guesses(slots)
         if self._rested:  # the remembered guesses are a step older than the tokens read
             last_len, self._rested = np.zeros_like(last_len), False
-        tried, matched = verified_prefix(last_guess, last_len, exact, num_new)
+        # The tokens this step made exact, read from vLLM's buffer (they end each row).
+        first = np.maximum(num_tokens - num_new, 0)
+        tried, matched = verified_prefix(last_guess, last_len, token_ids_cpu, first, num_new)
         tracker.observe(slots, tried, matched)
         sent = tracker.drafting(slots)
         tracker.deliver(int(np.maximum(num_new[sent] - 1, 0).sum()))
@@ -293,8 +285,23 @@ class JacobiProposer:
                 seeded = np.asarray(self._seeded_rows, dtype=np.int64)
                 seeded = seeded[seeded < rows]
                 lengths[seeded] = max_len[seeded]
-            positions = np.arange(self.k)[None, :]
-            tracker.promise(float(survival[positions < lengths[:, None]].sum()), rows)
+            tracker.promise(sent_survival(survival, lengths), rows)
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
         tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths
+
+
+@numba.njit(cache=True)
+def _split_tails(argmax, drafted, num_new, tails):
+    """Row ``i`` of the batch owns argmax rows ``[off_i, off_i + d_i + 1)``: the first
+    ``a_i + 1`` are exact (``a_i = num_new_i - 1`` accepted guesses), the rest is its
+    tail, copied to ``tails[i]``. Rows without a sample (a prefill chunk) have no tail."""
+    lens = np.zeros(len(num_new), np.int64)
+    offset = 0
+    for i in range(len(num_new)):
+        if num_new[i] > 0:
+            lens[i] = min(max(drafted[i] + 1 - num_new[i], 0), tails.shape[1])
+            for j in range(lens[i]):
+                tails[i, j] = argmax[min(offset + num_new[i] + j, len(argmax) - 1)]
+        offset += drafted[i] + 1
+    return lens

@@ -231,7 +231,8 @@ def install_runner_hook() -> None:
     def make_execute(original):
         def execute_model(self, scheduler_output, *args, **kwargs):
             drafter = getattr(self, "drafter", None)
-            if isinstance(drafter, JacobiProposer):
+            if isinstance(drafter, JacobiProposer) and drafter.options.adaptive:
+                # (A fixed block needs no step timing.)
                 drafter.step_started(
                     scheduler_output.total_num_scheduled_tokens,
                     num_guesses=sum(

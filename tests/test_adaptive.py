@@ -224,13 +224,20 @@ def test_tracker_grows_past_its_capacity():
 def test_verified_prefix_counts_sent_and_unsent_guesses():
     guess = np.array([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]])
     guess_len = np.array([4, 4, 4, 0])
-    exact = np.array([[5, 6, 9, 0, 0], [5, 0, 0, 0, 0], [5, 6, 7, 8, 1], [5, 0, 0, 0, 0]])
+    # The exact tokens are read in place from a token buffer, from column ``first``.
+    tokens = np.array([[1, 5, 6, 9, 0, 0], [2, 2, 5, 0, 0, 0], [5, 6, 7, 8, 1, 0],
+                       [3, 5, 0, 0, 0, 0]], dtype=np.int32)
+    first = np.array([1, 2, 0, 1])
     exact_len = np.array([3, 1, 5, 1])
-    tried, matched = verified_prefix(guess, guess_len, exact, exact_len)
+    tried, matched = verified_prefix(guess, guess_len, tokens, first, exact_len)
     # Row 0: two accepted then a mismatch; row 1: nothing sent, the first guess held;
     # row 2: the whole guess held; row 3: no guess kept.
     assert matched.tolist() == [2, 1, 4, 0]
     assert tried.tolist() == [3, 1, 4, 0]
+    # Near the end of the buffer only the tokens it holds are compared.
+    tried, matched = verified_prefix(guess[2:3], guess_len[2:3], tokens[2:3],
+                                     np.array([3]), np.array([5]))
+    assert (matched.tolist(), tried.tolist()) == ([0], [1])
 
 
 def run_epochs(chooser, rows, rates, epochs, plausible=True):
