@@ -27,7 +27,6 @@ import numba
 import numpy as np
 import torch
 
-from cllm_vllm import adaptive
 from cllm_vllm.adaptive import (
     COPY,
     FULL,
@@ -41,8 +40,10 @@ from cllm_vllm.adaptive import (
     sent_survival,
     verified_prefix,
 )
+from cllm_vllm.adaptive import warm_up as compile_policy
 from cllm_vllm.config import JacobiOptions
-from cllm_vllm.fill import fill_guesses, warm_up
+from cllm_vllm.fill import fill_guesses
+from cllm_vllm.fill import warm_up as compile_fill
 
 # Under vLLM's logger, which vLLM configures (level, format, the process prefix); a plain
 # module logger would stay silent at INFO.
@@ -92,11 +93,13 @@ class JacobiProposer:
         self._rest = 0  # steps left to rest
         self._idle_plans = 0  # plans in a row that sent no guess
         self._rested = False
-        warm_up()  # compile the kernels now, not inside the first timed step
+        # Compile the kernels (or load them from numba's cache) now, not inside the first
+        # timed step. (The tail split's compiling call writes nothing that is read.)
+        compile_fill()
         _split_tails(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64),
                      self._tails)
         if self.tracker is not None:
-            adaptive.warm_up()
+            compile_policy()
         logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
                     self.options.fill, self.options.adaptive)
 
