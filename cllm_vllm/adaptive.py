@@ -606,6 +606,7 @@ def sent_survival(survival, lengths):
             total += survival[r, i]
     return total
 
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) this module's kernels, before anything is
     timed: a first call compiles for about a second otherwise."""
