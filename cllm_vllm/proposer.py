@@ -52,9 +52,7 @@ SPIKE = StepCostModel.SPIKE
 MAX_REST = 32
 """While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
 ``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
-drafting. The last step of a rest builds every request's guess without sending it, so
-the next plan sees whose guesses would have landed: a request that could start drafting
-waits at most that many steps."""
+drafting, and a request that could start drafting waits at most that many steps."""
 
 
 class JacobiProposer:
@@ -185,15 +183,12 @@ class JacobiProposer:
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         if self.chooser is not None:
             self.chooser.add(tokens=float(num_new.sum()))
-        scouting = False
         if self._rest and not self._seeded_rows:
             # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
-            self._rest -= 1
+            # Nothing is lost but evidence (the next plan scores nothing).
+            self._rest, self._rested = self._rest - 1, True
             self._argmax = self._num_draft = None
-            if self._rest:
-                self._rested = True  # nothing is lost but evidence
-                return [[] for _ in range(rows)]
-            scouting = True
+            return [[] for _ in range(rows)]
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
             self._tails = np.zeros((rows, self.k), dtype=np.int64)
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
@@ -215,13 +210,6 @@ class JacobiProposer:
         )
         if self.tracker is None or len(self._req_ids) < rows:
             lengths = max_len
-        elif scouting:
-            # The rest's last step guesses and sends nothing: the plan that ends the rest
-            # scores every request's guess, so one that stopped drafting can show that
-            # its guesses now land (it would otherwise wait for its evidence to fade).
-            lengths = np.zeros(rows, dtype=np.int64)
-            self._remember(self.tracker.slots(self._req_ids[:rows]), guesses, max_len, lengths)
-            self._rested = False
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
             idle = 0 if lengths.any() else min(self._idle_plans + 1, MAX_REST.bit_length())
@@ -255,7 +243,7 @@ class JacobiProposer:
         tracker.observe(slots, tried, matched)
         sent = tracker.drafting(slots)
         tracker.deliver(int(np.maximum(num_new[sent] - 1, 0).sum()))
-        sources = self._sources(rows)
+        sources = np.where(self._copied[:rows], COPY, TAIL)
         if not self.plain_cost.knows(rows) and not self._seeded_rows:
             # What a step without guesses costs at this batch size is not known (lately):
             # run one and measure it, so that what guesses add can be told apart. (Seeded
@@ -301,17 +289,9 @@ class JacobiProposer:
                 seeded = seeded[seeded < rows]
                 lengths[seeded] = max_len[seeded]
             tracker.promise(sent_survival(survival, lengths), rows)
-        self._remember(slots, guesses, max_len, lengths)
-        return lengths
-
-    def _sources(self, rows: int) -> np.ndarray:
-        return np.where(self._copied[:rows], COPY, TAIL)
-
-    def _remember(self, slots, guesses, max_len, lengths) -> None:
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
-        rows = len(slots)
-        self.tracker.remember(slots, guesses, max_len, self._carried[:rows],
-                              self._sources(rows), lengths)
+        tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
+        return lengths
 
 
 @numba.njit(cache=True)
