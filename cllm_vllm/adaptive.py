@@ -153,36 +153,47 @@ def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: floa
     return (base_gain + sent_survival(survival, lengths)) / seconds
 
 
-PLAN, FULL = 0, 1
-"""What a step sends: the plan's lengths, or the full block (for every request whose next
-guess has at least ``MIN_GAIN`` chance)."""
+PLAN, FULL, SHORT = 0, 1, 2
+"""What a step sends: the plan's lengths; or, for every request whose next guess has at
+least ``MIN_GAIN`` chance, the full block (``FULL``) or at least ``SHORT_BLOCK`` guesses
+(``SHORT``, the plan topped up)."""
+
+SHORT_BLOCK = 3
+"""The short block's length. Where a long block costs more than it returns (a model that is
+not consistency-trained, or a busy engine), a few guesses sent steadily still gain: each
+is refined step after step, a return the plan (which values a guess by the next step
+alone) misses. In same-run A/Bs blocks of 2 and 3 both helped; 3 did more for the
+teacher."""
 
 
 class BlockChooser:
-    """Between the plan and the full block, by their measured exact tokens per second.
+    """Between the plan and fixed blocks, by their measured exact tokens per second.
 
-    The plan values a guess by its chance of acceptance in the next step alone. A long
-    block also buys later steps: its unaccepted tail is refined at every step, and a
-    consistency-trained model's tail converges over several. Where the cost model says the
-    full block costs little more than the plan (light load, cheap tokens; the caller
-    judges that cautiously, since a wrong try costs a whole epoch), the full block
-    is also tried for an epoch of ``EPOCH`` steps, and kept where it measures faster; a
-    losing arm is tried again after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the other.
+    The plan values a guess by its chance of acceptance in the next step alone. A block
+    sent steadily also buys later steps: its unaccepted tail is refined at every step,
+    and a consistency-trained model's tail converges over several. Where the cost model
+    says a block costs little more than the plan (the caller judges that cautiously,
+    since a wrong try costs a whole epoch), the block is also tried for an epoch of
+    ``EPOCH`` steps, and kept where it measures faster; an arm that lost is tried again
+    after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the leader (the others in turn).
     Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
-    epoch: the better arm at 4 requests says nothing about 64.
+    epoch at that load, for every arm: the better arm at 4 requests says nothing about
+    64, and what an arm did many epochs ago says little about it now.
     """
 
     EPOCH = 16
     MIN_STEPS = 4  # an epoch cut shorter than this (the load changed) is not recorded
     DECAY = 0.7
     MAX_PATIENCE = 64
-    PLAUSIBLE = 0.75  # the full block is tried where its predicted rate is within this
+    PLAUSIBLE = 0.75  # a block is tried where its predicted rate is within this of the plan's
 
-    def __init__(self) -> None:
-        self._tokens = np.zeros((CALIBRATION_BUCKETS, 2))
-        self._seconds = np.zeros((CALIBRATION_BUCKETS, 2))
+    def __init__(self, num_arms: int = 3) -> None:
+        self.num_arms = num_arms
+        self._tokens = np.zeros((CALIBRATION_BUCKETS, num_arms))
+        self._seconds = np.zeros((CALIBRATION_BUCKETS, num_arms))
         self._since = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
         self._patience = np.ones(CALIBRATION_BUCKETS, dtype=np.int64)
+        self._turn = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
         self.arm = PLAN
         self._bucket = -1
         self._steps = 0
@@ -197,45 +208,56 @@ class BlockChooser:
         s = self._seconds[bucket, arm]
         return float(self._tokens[bucket, arm] / s) if s > 0 else None
 
-    def choose(self, rows: int, full_is_plausible: Callable[[], bool]) -> int:
-        """The arm of the next step for ``rows`` requests; an epoch ends after ``EPOCH``
-        steps, or at once when the load moves to another bucket."""
+    def choose(self, rows: int, plausible: Callable[[int], bool]) -> int:
+        """The arm of the next step for ``rows`` requests (``plausible(arm)``: may a block
+        arm be tried now); an epoch ends after ``EPOCH`` steps, or at once when the load
+        moves to another bucket."""
         bucket = load_bucket(rows)
         self._steps += 1
         if bucket == self._bucket and self._steps <= self.EPOCH:
             return self.arm
         self._close()
         self._bucket, self._steps = bucket, 1
-        self.arm = self._next_arm(bucket, full_is_plausible)
+        self.arm = self._next_arm(bucket, plausible)
         return self.arm
+
+    def _leader(self, b: int) -> int | None:
+        rates = [(r, a) for a in range(self.num_arms) if (r := self.rate(b, a)) is not None]
+        return max(rates)[1] if len(rates) > 1 else None
 
     def _close(self) -> None:
         b, a = self._bucket, self.arm
         if b >= 0 and self._steps > self.MIN_STEPS and self._epoch_seconds > 0:
-            before = self.rate(b, PLAN), self.rate(b, FULL)
-            leader = None if None in before else int(before[FULL] > before[PLAN])
-            self._tokens[b, a] = self._tokens[b, a] * self.DECAY + self._epoch_tokens
-            self._seconds[b, a] = self._seconds[b, a] * self.DECAY + self._epoch_seconds
+            leader = self._leader(b)
+            # Every arm's record fades, played or not: an arm re-checked after many epochs
+            # is judged by what it does now, not by what it did under other traffic.
+            self._tokens[b] *= self.DECAY
+            self._seconds[b] *= self.DECAY
+            self._tokens[b, a] += self._epoch_tokens
+            self._seconds[b, a] += self._epoch_seconds
             if leader is not None and a != leader:  # an exploring epoch
                 if (self.rate(b, a) or 0.0) > (self.rate(b, leader) or 0.0):
-                    self._patience[b] = 1  # it leads now; the other gets re-checked soon
+                    self._patience[b] = 1  # it leads now; the others get re-checked soon
                 else:
                     self._patience[b] = min(2 * self._patience[b], self.MAX_PATIENCE)
         self._epoch_tokens = self._epoch_seconds = 0.0
 
-    def _next_arm(self, b: int, full_is_plausible: Callable[[], bool]) -> int:
-        if not full_is_plausible():
+    def _next_arm(self, b: int, plausible: Callable[[int], bool]) -> int:
+        if self.rate(b, PLAN) is None:
             return PLAN
-        plan, full = self.rate(b, PLAN), self.rate(b, FULL)
-        if plan is None:
-            return PLAN
-        if full is None:
-            return FULL
-        best = int(full > plan)
+        arms = [PLAN] + [a for a in range(1, self.num_arms) if plausible(a)]
+        for a in arms:
+            if self.rate(b, a) is None:
+                return a
+        best = max(arms, key=lambda a: self.rate(b, a))
+        if len(arms) == 1:
+            return best
         self._since[b] += 1
         if self._since[b] >= self._patience[b]:
             self._since[b] = 0
-            return 1 - best
+            others = [a for a in arms if a != best]
+            self._turn[b] += 1
+            return others[self._turn[b] % len(others)]
         return best
 
 

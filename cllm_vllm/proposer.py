@@ -31,6 +31,8 @@ from cllm_vllm.adaptive import (
     COPY,
     FULL,
     MIN_GAIN,
+    PLAN,
+    SHORT_BLOCK,
     TAIL,
     AcceptanceTracker,
     BlockChooser,
@@ -267,21 +269,24 @@ class JacobiProposer:
                 base_gain=base_gain,
             )
 
-            # The full block, for every request whose next guess has a fair chance (one
-            # that never accepts stays out of it); built only when the chooser asks.
-            def full_block() -> np.ndarray:
-                return np.where(survival[:, 0] >= MIN_GAIN, max_len, lengths)
+            # A block, for every request whose next guess has a fair chance (one that
+            # never accepts stays out of it); built only when the chooser asks.
+            def block(arm: int) -> np.ndarray:
+                size = max_len if arm == FULL else np.maximum(
+                    lengths, np.minimum(max_len, SHORT_BLOCK))
+                return np.where(survival[:, 0] >= MIN_GAIN, size, lengths)
 
-            def full_is_plausible() -> bool:
+            def plausible(arm: int) -> bool:
                 if not known:
                     return False
                 rate = functools.partial(expected_rate, survival, plain_seconds=plain,
                                          extra_seconds=self.extra_cost.predict_in_proportion,
                                          base_gain=base_gain)
-                return rate(full_block()) >= self.chooser.PLAUSIBLE * rate(lengths)
+                return rate(block(arm)) >= self.chooser.PLAUSIBLE * rate(lengths)
 
-            if self.chooser.choose(rows, full_is_plausible) == FULL:
-                lengths = full_block()
+            arm = self.chooser.choose(rows, plausible)
+            if arm != PLAN:
+                lengths = block(arm)
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

@@ -12,6 +12,7 @@ from cllm_vllm.adaptive import (
     MIN_GAIN,
     OPTIMISM,
     PLAN,
+    SHORT,
     TAIL,
     AcceptanceTracker,
     BlockChooser,
@@ -242,10 +243,11 @@ def test_verified_prefix_counts_sent_and_unsent_guesses():
 
 def run_epochs(chooser, rows, rates, epochs, plausible=True):
     """Drive ``chooser`` for ``epochs`` epochs in which arm ``a`` makes ``rates[a]`` exact
-    tokens per second (one token per step); return the arm of each step."""
+    tokens per second (one token per step); return the arm of each step. Arms missing
+    from ``rates`` are never plausible."""
     arms = []
     for _ in range(epochs * BlockChooser.EPOCH):
-        arm = chooser.choose(rows, lambda: plausible)
+        arm = chooser.choose(rows, lambda a: plausible and a in rates)
         arms.append(arm)
         chooser.add(tokens=1.0, seconds=1.0 / rates[arm])
     return arms
@@ -265,6 +267,22 @@ def test_block_chooser_keeps_the_faster_arm_and_rechecks_the_other_ever_less():
     early, late = arms[: 20 * BlockChooser.EPOCH], arms[-100 * BlockChooser.EPOCH:]
     assert 0 < np.mean(late == FULL) < np.mean(early == FULL)
     assert np.mean(late == FULL) <= 2 / BlockChooser.MAX_PATIENCE
+
+
+def test_block_chooser_finds_the_best_of_three_arms_and_rechecks_the_others_in_turn():
+    chooser = BlockChooser()
+    rates = {PLAN: 100.0, FULL: 60.0, SHORT: 130.0}
+    arms = np.array(run_epochs(chooser, rows=4, rates=rates, epochs=300))
+    assert set(arms[: 3 * BlockChooser.EPOCH]) == {PLAN, FULL, SHORT}  # each tried first
+    late = arms[-200 * BlockChooser.EPOCH:]
+    assert np.mean(late == SHORT) > 0.95
+    # The losers are re-checked, ever less often, each in its turn.
+    assert 0 < np.mean(late == PLAN) <= 2 / BlockChooser.MAX_PATIENCE
+    assert 0 < np.mean(late == FULL) <= 2 / BlockChooser.MAX_PATIENCE
+    # When the traffic changes and a re-check finds a better arm, it takes over.
+    arms = run_epochs(chooser, rows=4, rates={PLAN: 100.0, FULL: 300.0, SHORT: 130.0},
+                      epochs=200)
+    assert arms[-BlockChooser.EPOCH:] == [FULL] * BlockChooser.EPOCH
 
 
 def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
