@@ -33,7 +33,9 @@ Because ``s_r(i)`` never grows with ``i``, the best plan for a given total of dr
 takes the largest ``s_r(i)`` over all requests; :func:`plan_draft_lengths` tries every
 total at once and keeps the best ratio. The promises ``s_r`` are first scaled by how many
 of them came true lately at the same load (:meth:`AcceptanceTracker.calibration`), and a
-plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. The work of a step
+plan is sent only if it promises ``MIN_SPEEDUP`` over sending none. The plan looks one
+step ahead; :class:`BlockChooser` measures it against blocks sent steadily (the full
+block, and a short one), which also pay in later steps. The work of a step
 (scoring last step's guesses, updating the estimates, planning) is a few compiled (numba)
 passes over the batch: at batch 1 a few dozen numpy calls would cost more than a short
 block gains.
@@ -87,7 +89,7 @@ the calibration below scales the promises down."""
 
 def load_bucket(rows: int) -> int:
     """The load bucket of a step with ``rows`` requests (log2), for evidence that depends
-    on the load: the calibration of promises and the plan-or-full-block choice."""
+    on the load: the calibration of promises and the block chooser's arms."""
     return min(max(rows, 1).bit_length() - 1, CALIBRATION_BUCKETS - 1)
 
 
