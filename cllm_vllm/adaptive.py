@@ -155,7 +155,7 @@ def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: floa
     return (base_gain + sent_survival(survival, lengths)) / seconds
 
 
-PLAN, FULL, SHORT = 0, 1, 2
+PLAN, FULL, SHORT = ARMS = (0, 1, 2)
 """What a step sends: the plan's lengths; or, for every request whose next guess has at
 least ``MIN_GAIN`` chance, the full block (``FULL``) or at least ``SHORT_BLOCK`` guesses
 (``SHORT``, the plan topped up)."""
@@ -189,10 +189,9 @@ class BlockChooser:
     MAX_PATIENCE = 64
     PLAUSIBLE = 0.75  # a block is tried where its predicted rate is within this of the plan's
 
-    def __init__(self, num_arms: int = 3) -> None:
-        self.num_arms = num_arms
-        self._tokens = np.zeros((CALIBRATION_BUCKETS, num_arms))
-        self._seconds = np.zeros((CALIBRATION_BUCKETS, num_arms))
+    def __init__(self) -> None:
+        self._tokens = np.zeros((CALIBRATION_BUCKETS, len(ARMS)))
+        self._seconds = np.zeros((CALIBRATION_BUCKETS, len(ARMS)))
         self._since = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
         self._patience = np.ones(CALIBRATION_BUCKETS, dtype=np.int64)
         self._turn = np.zeros(CALIBRATION_BUCKETS, dtype=np.int64)
@@ -224,7 +223,7 @@ class BlockChooser:
         return self.arm
 
     def _leader(self, b: int) -> int | None:
-        rates = [(r, a) for a in range(self.num_arms) if (r := self.rate(b, a)) is not None]
+        rates = [(r, a) for a in ARMS if (r := self.rate(b, a)) is not None]
         return max(rates)[1] if len(rates) > 1 else None
 
     def _close(self) -> None:
@@ -247,7 +246,7 @@ class BlockChooser:
     def _next_arm(self, b: int, plausible: Callable[[int], bool]) -> int:
         if self.rate(b, PLAN) is None:
             return PLAN
-        arms = [PLAN] + [a for a in range(1, self.num_arms) if plausible(a)]
+        arms = [PLAN] + [a for a in (FULL, SHORT) if plausible(a)]
         for a in arms:
             if self.rate(b, a) is None:
                 return a
