@@ -289,7 +289,8 @@ class StepCostModel:
 
     def __init__(self, max_tokens: int = 1 << 20, through_zero: bool = False) -> None:
         self.through_zero = through_zero
-        n_bins = self._bin(max_tokens) + 1
+        n_bins = _log_bin(max_tokens, self.BINS_PER_DOUBLING) + 1
+        self._bin_of: dict[int, int] = {}  # a step's size -> its bin, memoised
         # A bin's weight fades by FADE per observation anywhere; it is stored as of the
         # observation that last touched it (``_stamp``) and faded when read, so that an
         # observation, taken at every engine step, costs a few scalar operations.
@@ -301,9 +302,6 @@ class StepCostModel:
         self._dirty = False
         self._observed = 0
         self._xs = self._ys = np.zeros(0)
-
-    def _weight_of(self, b: int) -> float:
-        return float(self._raw_weight[b]) * self.FADE ** (self._now - float(self._stamp[b]))
 
     @property
     def num_observed_bins(self) -> int:
@@ -325,26 +323,30 @@ class StepCostModel:
         self._dirty = True
 
     def _bin(self, tokens: int) -> int:
-        return int(round(self.BINS_PER_DOUBLING * math.log2(max(tokens, 1))))
+        b = self._bin_of.get(tokens)
+        if b is None:
+            b = min(_log_bin(tokens, self.BINS_PER_DOUBLING), len(self._stamp) - 1)
+            self._bin_of[tokens] = b
+        return b
 
     def observe(self, tokens: int, seconds: float, limit: float = math.inf,
                 capped: bool = False) -> None:
         """Record one step. What it counts is capped at ``limit`` (the caller's
         prediction of the whole step, times ``SPIKE``, covers sizes this curve has not
         seen yet), at ``SPIKE`` times the size's own mean once it is established, and
-        with ``capped`` at ``SPIKE`` times the curve's prediction even at a new size."""
-        b = min(self._bin(tokens), len(self._stamp) - 1)
-        w = self._weight_of(b)
-        if w >= self.ESTABLISHED:  # a known size: a stall counts so much
-            limit = min(limit, self.SPIKE * float(self._seconds[b]))
-        elif capped and self.num_observed_bins:
-            limit = min(limit, self.SPIKE * self.predict_one(tokens))
-        seconds = min(seconds, limit)
+        with ``capped`` at ``SPIKE`` times the curve's prediction even at a new size.
+        (Called at every engine step: one compiled call, in the usual case.)"""
+        tokens, seconds, limit = int(tokens), float(seconds), float(limit)
+        b = self._bin(tokens)
+        args = (self._raw_weight, self._stamp, self._tokens, self._seconds, self._now, b,
+                tokens, seconds)
+        consts = (self.FADE, self.MEMORY, self.ESTABLISHED, self.SPIKE)
+        if not _record(*args, limit, capped, *consts):
+            # A size not established yet, to be capped by the curve's prediction.
+            if self.num_observed_bins:
+                limit = min(limit, self.SPIKE * self.predict_one(tokens))
+            _record(*args, limit, False, *consts)
         self._now += 1
-        w = self._raw_weight[b] = min(w * self.FADE + 1.0, self.MEMORY)
-        self._stamp[b] = self._now
-        self._tokens[b] += (tokens - self._tokens[b]) / w
-        self._seconds[b] += (seconds - self._seconds[b]) / w
         self._dirty = True
 
     def _rebuild(self) -> None:
@@ -373,6 +375,29 @@ class StepCostModel:
         if not self.num_observed_bins:  # (rebuilds the curve if needed)
             return np.ones_like(tokens)
         return np.interp(tokens, self._xs, self._ys)
+
+
+def _log_bin(tokens: int, bins_per_doubling: int) -> int:
+    return int(round(bins_per_doubling * math.log2(max(tokens, 1))))
+
+
+@numba.njit(cache=True)
+def _record(raw_weight, stamp, tokens, seconds, now, b, x, y, limit, capped, fade, memory,
+            established_weight, spike):
+    """:meth:`StepCostModel.observe` of ``y`` seconds at ``x`` tokens into bin ``b``.
+    Returns False, recording nothing, where the bin is not established and ``capped``
+    asks for the curve's prediction as a cap (the caller reads it and calls again)."""
+    w = raw_weight[b] * fade ** (now - stamp[b])
+    if w >= established_weight:  # a known size: a stall counts so much
+        limit = min(limit, spike * seconds[b])
+    elif capped:
+        return False
+    y = min(y, limit)
+    w = raw_weight[b] = min(w * fade + 1.0, memory)
+    stamp[b] = now + 1
+    tokens[b] += (x - tokens[b]) / w
+    seconds[b] += (y - seconds[b]) / w
+    return True
 
 
 @numba.njit(cache=True)

