@@ -175,12 +175,14 @@ class BlockChooser:
     sent steadily also buys later steps: its unaccepted tail is refined at every step,
     and a consistency-trained model's tail converges over several. Where the cost model
     says a block costs little more than the plan (the caller judges that cautiously,
-    since a wrong try costs a whole epoch), the block is also tried for an epoch of
-    ``EPOCH`` steps, and kept where it measures faster; an arm that lost is tried again
-    after 1, 2, 4 ... ``MAX_PATIENCE`` epochs of the leader (the others in turn).
-    Evidence is kept per load bucket (requests per step, log2), forgetting ``DECAY`` per
-    epoch at that load, for every arm: the better arm at 4 requests says nothing about
-    64, and what an arm did many epochs ago says little about it now.
+    since a wrong try costs a whole epoch), the block is also tried for an epoch, and
+    kept where it measures faster; an arm that lost is tried again after 1, 2, 4 ...
+    ``MAX_PATIENCE`` epochs of the leader (the others in turn). An epoch is ``EPOCH``
+    planned steps at any load: a block's tails take a few steps to converge, and a
+    shorter epoch would judge blocks by their start. Evidence is kept per load bucket
+    (requests per step, log2), forgetting ``DECAY`` per epoch at that load, for every
+    arm: the better arm at 4 requests says nothing about 64, and what an arm did many
+    epochs ago says little about it now.
     """
 
     EPOCH = 16
@@ -199,11 +201,23 @@ class BlockChooser:
         self._bucket = -1
         self._steps = 0
         self._epoch_tokens = self._epoch_seconds = 0.0
+        self._epoch_made = self._epoch_timed = 0
+        self._late = True
 
-    def add(self, tokens: float = 0.0, seconds: float = 0.0) -> None:
-        """Exact tokens made, or seconds spent, by a step of the current epoch."""
+    def made(self, tokens: float) -> None:
+        """The exact tokens of a step of the current epoch, known as it ends."""
         self._epoch_tokens += tokens
+        self._epoch_made += 1
+
+    def took(self, seconds: float) -> None:
+        """The wall time of a step, known only as the next one starts. The first after an
+        epoch began is the time of the last epoch's last step: it is left out, and an
+        epoch's time is its mean step time by its steps (:meth:`_close`)."""
+        if self._late:
+            self._late = False
+            return
         self._epoch_seconds += seconds
+        self._epoch_timed += 1
 
     def rate(self, bucket: int, arm: int) -> float | None:
         s = self._seconds[bucket, arm]
@@ -235,13 +249,15 @@ class BlockChooser:
             self._tokens[b] *= self.DECAY
             self._seconds[b] *= self.DECAY
             self._tokens[b, a] += self._epoch_tokens
-            self._seconds[b, a] += self._epoch_seconds
+            self._seconds[b, a] += self._epoch_seconds / self._epoch_timed * self._epoch_made
             if leader is not None and a != leader:  # an exploring epoch
                 if (self.rate(b, a) or 0.0) > (self.rate(b, leader) or 0.0):
                     self._patience[b] = 1  # it leads now; the others get re-checked soon
                 else:
                     self._patience[b] = min(2 * self._patience[b], self.MAX_PATIENCE)
         self._epoch_tokens = self._epoch_seconds = 0.0
+        self._epoch_made = self._epoch_timed = 0
+        self._late = True
 
     def _next_arm(self, b: int, plausible: Callable[[int], bool]) -> int:
         if self.rate(b, PLAN) is None:

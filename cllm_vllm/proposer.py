@@ -120,7 +120,7 @@ class JacobiProposer:
         if self._step_start is not None and continuing:
             seconds = now - self._step_start
             if self.chooser is not None:
-                self.chooser.add(seconds=seconds)
+                self.chooser.took(seconds)
             base = self._step_tokens - self._step_guesses
             kind = "extra" if self._step_guesses else "plain"
             plain_cost, extra_cost = self.plain_cost, self.extra_cost
@@ -186,13 +186,13 @@ class JacobiProposer:
             # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
             # Nothing is lost but evidence (the next plan scores nothing). Plain Python:
             # a resting step should cost next to nothing, and numpy calls do not.
-            self.chooser.add(tokens=sum(map(len, sampled_token_ids)))
+            self.chooser.made(sum(map(len, sampled_token_ids)))
             self._rest, self._rested = self._rest - 1, True
             self._argmax = self._num_draft = None
             return [[] for _ in range(rows)]
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         if self.chooser is not None:
-            self.chooser.add(tokens=float(num_new.sum()))
+            self.chooser.made(float(num_new.sum()))
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
             self._tails = np.zeros((rows, self.k), dtype=np.int64)
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)

@@ -241,15 +241,21 @@ def test_verified_prefix_counts_sent_and_unsent_guesses():
     assert (matched.tolist(), tried.tolist()) == ([0], [1])
 
 
-def run_epochs(chooser, rows, rates, epochs, plausible=True):
-    """Drive ``chooser`` for ``epochs`` epochs in which arm ``a`` makes ``rates[a]`` exact
-    tokens per second (one token per step); return the arm of each step. Arms missing
-    from ``rates`` are never plausible."""
-    arms = []
+def run_epochs(chooser, rows, rates, epochs, plausible=True, tokens=None):
+    """Drive ``chooser`` for ``epochs * EPOCH`` steps in which arm ``a`` makes
+    ``rates[a]`` exact tokens per second (``tokens[a]`` per step, default 1); return the
+    arm of each step. As in the engine, a step's tokens are known when it ends (before
+    the next choice), its time only as the next step starts (after it). Arms missing from
+    ``rates`` are never plausible."""
+    arms, last = [], None
     for _ in range(epochs * BlockChooser.EPOCH):
         arm = chooser.choose(rows, lambda a: plausible and a in rates)
         arms.append(arm)
-        chooser.add(tokens=1.0, seconds=1.0 / rates[arm])
+        if last is not None:
+            chooser.took(last)
+        made = 1.0 if tokens is None else tokens[arm]
+        chooser.made(made)
+        last = made / rates[arm]
     return arms
 
 
@@ -293,6 +299,17 @@ def test_block_chooser_tries_nothing_implausible_and_learns_per_load():
     run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 10)
     assert run_epochs(chooser, 32, {PLAN: 100.0, FULL: 20.0}, 30)[-1] == PLAN
     assert run_epochs(chooser, 1, {PLAN: 100.0, FULL: 200.0}, 1)[-1] == FULL
+
+
+def test_block_chooser_times_each_arm_by_its_own_steps():
+    # A step's time arrives after the next choice. Credited as it comes, an epoch of the
+    # dear full block would take the cheap plan step before it (1 + 15 * 1.65 s for 25.6
+    # tokens: 0.99/s) and the plan's epoch after it a full-block step (1.65 + 15 s for
+    # 16: 0.96/s), and the full block would win at 0.97 tokens/s against the plan's 1.
+    chooser = BlockChooser()
+    arms = np.array(run_epochs(chooser, rows=1, rates={PLAN: 1.0, FULL: 1.6 / 1.65},
+                               tokens={PLAN: 1.0, FULL: 1.6}, epochs=60))
+    assert np.mean(arms[len(arms) // 2:] == PLAN) > 0.9
 
 
 def test_expected_rate_counts_sent_guesses_and_their_cost():
