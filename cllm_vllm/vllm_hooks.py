@@ -2,7 +2,7 @@
 ``cllm_vllm/patches/``. Written against vLLM 0.32.0.
 
 vLLM's documented surfaces (``vllm.general_plugins`` entry points, the ``custom_class``
-proposer) get us most of the way; three seams are not documented and are wrapped here:
+proposer) get us most of the way; the seams below are not documented and are wrapped here:
 
 1. ``EngineArgs.create_speculative_config``: where the user's ``speculative_config`` dict
    becomes a ``SpeculativeConfig`` whose ``method`` is a closed ``Literal``. We translate
