@@ -182,17 +182,16 @@ class JacobiProposer:
         rows = len(sampled_token_ids)
         if rows == 0:
             return []
+        if self.chooser is not None:
+            self.chooser.made(sum(map(len, sampled_token_ids)))
         if self._rest and not self._seeded_rows:
             # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
-            # Nothing is lost but evidence (the next plan scores nothing). Plain Python:
-            # a resting step should cost next to nothing, and numpy calls do not.
-            self.chooser.made(sum(map(len, sampled_token_ids)))
+            # Nothing is lost but evidence (the next plan scores nothing). No numpy on
+            # this path: a resting step should cost next to nothing.
             self._rest, self._rested = self._rest - 1, True
             self._argmax = self._num_draft = None
             return [[] for _ in range(rows)]
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
-        if self.chooser is not None:
-            self.chooser.made(float(num_new.sum()))
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
             self._tails = np.zeros((rows, self.k), dtype=np.int64)
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
