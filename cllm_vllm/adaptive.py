@@ -317,6 +317,10 @@ class StepCostModel:
         self._seconds = np.zeros(n_bins)
         self._dirty = False
         self._observed = 0
+        # Answers of knows() and predict_one() since the last change: the proposer asks
+        # about the same sizes twice per step (timing the last step, planning the next).
+        self._known: dict[int, bool] = {}
+        self._predicted: dict[int, float] = {}
         self._xs = self._ys = np.zeros(0)
 
     @property
@@ -328,15 +332,24 @@ class StepCostModel:
 
     def knows(self, tokens: int) -> bool:
         """Whether a size within half a doubling of ``tokens`` has been measured lately."""
-        b = self._bin(tokens)
-        return _any_live(self._raw_weight, self._stamp, self._now, max(b - 2, 0),
-                         min(b + 3, len(self._stamp)), self.FADE, self.DROP)
+        known = self._known.get(tokens)
+        if known is None:
+            b = self._bin(tokens)
+            known = self._known[tokens] = _any_live(
+                self._raw_weight, self._stamp, self._now, max(b - 2, 0),
+                min(b + 3, len(self._stamp)), self.FADE, self.DROP)
+        return known
 
     def age(self) -> None:
         """A step passed that this curve has no observation of: its evidence fades all
         the same, so that a cost believed too high is measured again in time."""
         self._now += 1
+        self._changed()
+
+    def _changed(self) -> None:
         self._dirty = True
+        self._known.clear()
+        self._predicted.clear()
 
     def _bin(self, tokens: int) -> int:
         b = self._bin_of.get(tokens)
@@ -363,7 +376,7 @@ class StepCostModel:
                 limit = min(limit, self.SPIKE * self.predict_one(tokens))
             _record(*args, limit, False, *consts)
         self._now += 1
-        self._dirty = True
+        self._changed()
 
     def _rebuild(self) -> None:
         """The curve predict() reads, rebuilt when read after new observations (see
@@ -382,9 +395,12 @@ class StepCostModel:
         return seconds
 
     def predict_one(self, tokens: int) -> float:
-        if not self.num_observed_bins:  # (rebuilds the curve if needed)
-            return 1.0
-        return float(np.interp(tokens, self._xs, self._ys))
+        seconds = self._predicted.get(tokens)
+        if seconds is None:
+            if not self.num_observed_bins:  # (rebuilds the curve if needed)
+                return 1.0
+            seconds = self._predicted[tokens] = float(np.interp(tokens, self._xs, self._ys))
+        return seconds
 
     def predict(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.float64)
@@ -532,11 +548,8 @@ class AcceptanceTracker:
         """Keep each row's guess (its first ``lengths[r]`` tokens, the first
         ``carried[r]`` of them from ``sources[r]``, the rest FRESH; ``sent[r]`` of them
         sent) to score against the tokens that follow it."""
-        self._guess[slots] = guesses
-        self._guess_len[slots] = lengths
-        self._guess_carried[slots] = carried
-        self._guess_source[slots] = sources
-        self._sent[slots] = sent
+        _remember_rows(slots, guesses, lengths, carried, sources, sent, self._guess,
+                       self._guess_len, self._guess_carried, self._guess_source, self._sent)
 
     def promise(self, accepted: float, rows: int) -> None:
         """The plan just made for ``rows`` requests expects ``accepted`` of its guesses to
@@ -562,12 +575,20 @@ class AcceptanceTracker:
         b = load_bucket(rows)
         return min((self._delivered[b] + 1.0) / (self._promised[b] + 1.0), 1.0)
 
-    def last_guesses(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._guess[slots], self._guess_len[slots]
-
-    def drafting(self, slots: np.ndarray) -> np.ndarray:
-        """Which rows sent guesses in the last step."""
-        return self._sent[slots] > 0
+    def score(self, slots: np.ndarray, tokens: np.ndarray, num_tokens: np.ndarray,
+              num_new: np.ndarray, stale: bool = False) -> np.ndarray:
+        """Score each row's last guess against the ``num_new[r]`` exact tokens that
+        followed it (read in place from ``tokens``, vLLM's token buffer: they end the
+        row's ``num_tokens[r]``), record the outcome (:meth:`observe`), and return which
+        rows sent guesses in the last step. ``stale``: the remembered guesses are older
+        than the tokens (the policy rested); nothing is scored, evidence fades all the
+        same. (One compiled call: it runs at every planned step.)"""
+        return _score_rows(self._guess, self._guess_len, self._sent, slots, tokens,
+                           np.asarray(num_tokens, dtype=np.int64),
+                           np.asarray(num_new, dtype=np.int64), stale, self._hits,
+                           self._trials, self._pop_hits, self._pop_trials,
+                           self._guess_carried, self._guess_source, REQUEST_DECAY,
+                           POPULATION_DECAY)
 
     def observe(self, slots: np.ndarray, tried: np.ndarray, matched: np.ndarray) -> None:
         """Record one step: ``tried[r]`` positions of the last guess were checked, the
@@ -636,6 +657,36 @@ def _survival_rows(hits, trials, pop_hits, pop_trials, slots, carried, sources, 
 
 
 @numba.njit(cache=True)
+def _score_rows(guess, guess_len, sent, slots, tokens, num_tokens, num_new, stale, hits,
+                trials, pop_hits, pop_trials, carried, sources, decay, pop_decay):
+    """:meth:`AcceptanceTracker.score`: :func:`verified_prefix` of the slots' guesses,
+    then :func:`_observe_rows`; the rows that sent guesses."""
+    n = len(slots)
+    lens, first = np.zeros(n, np.int64), np.empty(n, np.int64)
+    drafted = np.empty(n, np.bool_)
+    for r in range(n):
+        if not stale:
+            lens[r] = guess_len[slots[r]]
+        first[r] = max(num_tokens[r] - num_new[r], 0)
+        drafted[r] = sent[slots[r]] > 0
+    tried, matched = verified_prefix(guess[slots], lens, tokens, first, num_new)
+    _observe_rows(hits, trials, pop_hits, pop_trials, slots, tried, matched, carried,
+                  sources, decay, pop_decay)
+    return drafted
+
+
+@numba.njit(cache=True)
+def _remember_rows(slots, guesses, lengths, carried, sources, sent, guess, guess_len,
+                   guess_carried, guess_source, guess_sent):
+    """:meth:`AcceptanceTracker.remember`, one compiled pass."""
+    for r in range(len(slots)):
+        s = slots[r]
+        guess[s] = guesses[r]
+        guess_len[s], guess_carried[s] = lengths[r], carried[r]
+        guess_source[s], guess_sent[s] = sources[r], sent[r]
+
+
+@numba.njit(cache=True)
 def verified_prefix(guess, guess_len, tokens, first, exact_len):
     """Compare each row's last guess with the exact tokens that followed it, read in place
     from ``tokens`` (row ``r``'s: ``exact_len[r]`` of them from column ``first[r]``, as
@@ -681,6 +732,7 @@ def warm_up() -> None:
     for dtype in (np.int32, np.int64):  # vLLM's token buffer, and tests' arrays
         tracker.observe(slots, *verified_prefix(two, one, np.zeros((1, 3), dtype=dtype),
                                                 one - 1, one))
+        tracker.score(slots, np.zeros((1, 3), dtype=dtype), one, one)
     survival = tracker.survival(slots, one, one)
     sent_survival(survival, one)
     plan_draft_lengths(survival, one, 1.0, np.zeros_like, 1.0)

@@ -40,7 +40,6 @@ from cllm_vllm.adaptive import (
     expected_rate,
     plan_draft_lengths,
     sent_survival,
-    verified_prefix,
 )
 from cllm_vllm.adaptive import warm_up as compile_policy
 from cllm_vllm.config import JacobiOptions
@@ -100,6 +99,9 @@ class JacobiProposer:
         compile_fill()
         _split_tails(np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64),
                      self._tails)
+        for dtype in (np.int32, np.int64):  # vLLM's buffer, and tests' arrays
+            _draft_room(np.ones(1, dtype), np.ones(1, np.int64), 8, 1)
+        _accepted(np.ones(1, np.int64), np.ones(1, np.bool_))
         if self.tracker is not None:
             compile_policy()
         logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
@@ -197,13 +199,9 @@ class JacobiProposer:
             self._guesses = np.zeros((rows, self.k), dtype=np.int64)
             self._carried = np.zeros(rows, dtype=np.int64)
             self._copied = np.zeros(rows, dtype=np.bool_)
-        num_tokens = num_tokens_no_spec[:rows].astype(np.int64)
+        num_tokens, max_len = _draft_room(num_tokens_no_spec, num_new, self.max_model_len,
+                                          int(self._max_k(rows)))
         tails, tail_lens = self._tails[:rows], self._verified_tails(num_new)
-
-        # Only rows with a sample decode next step (none: a prefill chunk, or a discarded
-        # output). Leave room for the bonus token: vLLM trims a draft past max_model_len.
-        room = np.minimum(self.max_model_len - num_tokens - 1, self._max_k(rows))
-        max_len = np.where(num_new > 0, np.maximum(room, 0), 0)
 
         guesses = self._guesses[:rows]
         fill_guesses(
@@ -237,15 +235,11 @@ class JacobiProposer:
         """Learn from this step's outcome, then choose every row's draft length."""
         tracker = self.tracker
         slots = tracker.slots(self._req_ids[:rows])
-        last_guess, last_len = tracker.last_guesses(slots)
-        if self._rested:  # the remembered guesses are a step older than the tokens read
-            last_len, self._rested = np.zeros_like(last_len), False
-        # The tokens this step made exact, read from vLLM's buffer (they end each row).
-        first = np.maximum(num_tokens - num_new, 0)
-        tried, matched = verified_prefix(last_guess, last_len, token_ids_cpu, first, num_new)
-        tracker.observe(slots, tried, matched)
-        sent = tracker.drafting(slots)
-        tracker.deliver(int(np.maximum(num_new[sent] - 1, 0).sum()))
+        # The tokens this step made exact, read from vLLM's buffer (they end each row);
+        # after a rest the remembered guesses are a step older than them.
+        sent = tracker.score(slots, token_ids_cpu, num_tokens, num_new, stale=self._rested)
+        self._rested = False
+        tracker.deliver(_accepted(num_new, sent))
         sources = np.where(self._copied[:rows], COPY, TAIL)
         if not self.plain_cost.knows(rows) and not self._seeded_rows:
             # What a step without guesses costs at this batch size is not known (lately):
@@ -298,6 +292,31 @@ class JacobiProposer:
         # Every guess is scored against what follows, sent or not (see cllm_vllm.adaptive).
         tracker.remember(slots, guesses, max_len, self._carried[:rows], sources, lengths)
         return lengths
+
+
+@numba.njit(cache=True)
+def _draft_room(num_tokens_no_spec, num_new, max_model_len, max_k):
+    """Each row's exact tokens (int64) and the most guesses it may get. Only rows with a
+    sample decode next step (none: a prefill chunk, or a discarded output); room is left
+    for the bonus token (vLLM trims a draft past ``max_model_len``)."""
+    rows = len(num_new)
+    num_tokens = np.empty(rows, np.int64)
+    max_len = np.zeros(rows, np.int64)
+    for i in range(rows):
+        num_tokens[i] = num_tokens_no_spec[i]
+        if num_new[i] > 0:
+            max_len[i] = max(min(max_model_len - num_tokens[i] - 1, max_k), 0)
+    return num_tokens, max_len
+
+
+@numba.njit(cache=True)
+def _accepted(num_new, sent):
+    """Guesses accepted in the rows that sent some (each row's new tokens but one)."""
+    total = 0
+    for i in range(len(num_new)):
+        if sent[i] and num_new[i] > 1:
+            total += num_new[i] - 1
+    return total
 
 
 @numba.njit(cache=True)

@@ -241,6 +241,31 @@ def test_verified_prefix_counts_sent_and_unsent_guesses():
     assert (matched.tolist(), tried.tolist()) == ([0], [1])
 
 
+def test_score_checks_each_rows_last_guess_and_records_it():
+    """One compiled call per step: the slots' remembered guesses against the tokens that
+    end each row of the buffer, recorded as observe() would; nothing scored when stale."""
+    tokens = np.array([[1, 5, 6, 9, 0, 0], [2, 2, 5, 0, 0, 0]], dtype=np.int32)
+    num_tokens, num_new = np.array([4, 3]), np.array([3, 1])
+    guesses = np.array([[5, 6, 7, 8], [5, 6, 7, 8]])
+    trackers = [AcceptanceTracker(k=4, capacity=4) for _ in range(3)]
+    for tracker in trackers:  # slots in another order than the rows
+        tracker.slots(["x", "b", "a"])
+        tracker.remember(np.array([2, 1]), guesses, np.array([4, 4]), np.array([4, 0]),
+                         np.array([TAIL, COPY]), np.array([4, 0]))
+    scored, by_hand, stale = trackers
+    slots = np.array([2, 1])
+    sent = scored.score(slots, tokens, num_tokens, num_new)
+    assert sent.tolist() == [True, False]
+    tried, matched = verified_prefix(guesses, np.array([4, 4]), tokens, num_tokens - num_new,
+                                     num_new)
+    assert (matched.tolist(), tried.tolist()) == ([2, 1], [3, 1])
+    by_hand.observe(slots, tried, matched)
+    assert scored.survival(slots) == pytest.approx(by_hand.survival(slots))
+    stale.score(slots, tokens, num_tokens, num_new, stale=True)
+    unchanged = AcceptanceTracker(k=4, capacity=4)
+    assert stale.survival(slots) == pytest.approx(unchanged.survival(slots))
+
+
 def run_epochs(chooser, rows, rates, epochs, plausible=True, tokens=None):
     """Drive ``chooser`` for ``epochs * EPOCH`` steps in which arm ``a`` makes
     ``rates[a]`` exact tokens per second (``tokens[a]`` per step, default 1); return the

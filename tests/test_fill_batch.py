@@ -279,3 +279,17 @@ def test_bad_arguments():
                      np.zeros((1, 3), np.int64))
     with pytest.raises(TypeError, match="out"):
         fill_guesses(*args, 3, "ngram", np.zeros((1, 3), np.int32))
+
+
+def test_draft_room_leaves_room_for_the_bonus_token_and_skips_rows_without_a_sample():
+    from cllm_vllm.proposer import _draft_room
+
+    num_tokens_no_spec = np.array([10, 60, 62, 63, 64, 20, 0], dtype=np.int32)  # + padding
+    num_new = np.array([1, 2, 1, 1, 1, 0])
+    num_tokens, max_len = _draft_room(num_tokens_no_spec, num_new, 64, 8)
+    assert num_tokens.dtype == np.int64 and num_tokens.tolist() == [10, 60, 62, 63, 64, 20]
+    # The same as the numpy it replaces: min(room before max_model_len, k), 0 without a
+    # sample (a prefill chunk).
+    room = np.minimum(64 - num_tokens - 1, 8)
+    assert max_len.tolist() == np.where(num_new > 0, np.maximum(room, 0), 0).tolist()
+    assert max_len.tolist() == [8, 3, 1, 0, 0, 0]
