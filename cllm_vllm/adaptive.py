@@ -579,16 +579,19 @@ class AcceptanceTracker:
               num_new: np.ndarray, stale: bool = False) -> np.ndarray:
         """Score each row's last guess against the ``num_new[r]`` exact tokens that
         followed it (read in place from ``tokens``, vLLM's token buffer: they end the
-        row's ``num_tokens[r]``), record the outcome (:meth:`observe`), and return which
-        rows sent guesses in the last step. ``stale``: the remembered guesses are older
-        than the tokens (the policy rested); nothing is scored, evidence fades all the
-        same. (One compiled call: it runs at every planned step.)"""
-        return _score_rows(self._guess, self._guess_len, self._sent, slots, tokens,
+        row's ``num_tokens[r]``), record the outcome (:meth:`observe`, and the last plan's
+        accepted guesses, :meth:`deliver`), and return which rows sent guesses in the last
+        step. ``stale``: the remembered guesses are older than the tokens (the policy
+        rested); nothing is scored, evidence fades all the same. (One compiled call: it
+        runs at every planned step.)"""
+        drafted, accepted = _score_rows(self._guess, self._guess_len, self._sent, slots, tokens,
                            np.asarray(num_tokens, dtype=np.int64),
                            np.asarray(num_new, dtype=np.int64), stale, self._hits,
                            self._trials, self._pop_hits, self._pop_trials,
                            self._guess_carried, self._guess_source, REQUEST_DECAY,
                            POPULATION_DECAY)
+        self.deliver(accepted)
+        return drafted
 
     def observe(self, slots: np.ndarray, tried: np.ndarray, matched: np.ndarray) -> None:
         """Record one step: ``tried[r]`` positions of the last guess were checked, the
@@ -660,19 +663,23 @@ def _survival_rows(hits, trials, pop_hits, pop_trials, slots, carried, sources, 
 def _score_rows(guess, guess_len, sent, slots, tokens, num_tokens, num_new, stale, hits,
                 trials, pop_hits, pop_trials, carried, sources, decay, pop_decay):
     """:meth:`AcceptanceTracker.score`: :func:`verified_prefix` of the slots' guesses,
-    then :func:`_observe_rows`; the rows that sent guesses."""
+    then :func:`_observe_rows`; the rows that sent guesses, and their accepted guesses
+    (each such row's new tokens but one)."""
     n = len(slots)
     lens, first = np.zeros(n, np.int64), np.empty(n, np.int64)
     drafted = np.empty(n, np.bool_)
+    accepted = 0
     for r in range(n):
         if not stale:
             lens[r] = guess_len[slots[r]]
         first[r] = max(num_tokens[r] - num_new[r], 0)
         drafted[r] = sent[slots[r]] > 0
+        if drafted[r] and num_new[r] > 1:
+            accepted += num_new[r] - 1
     tried, matched = verified_prefix(guess[slots], lens, tokens, first, num_new)
     _observe_rows(hits, trials, pop_hits, pop_trials, slots, tried, matched, carried,
                   sources, decay, pop_decay)
-    return drafted
+    return drafted, accepted
 
 
 @numba.njit(cache=True)

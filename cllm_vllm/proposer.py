@@ -101,7 +101,6 @@ class JacobiProposer:
                      self._tails)
         for dtype in (np.int32, np.int64):  # vLLM's buffer, and tests' arrays
             _draft_room(np.ones(1, dtype), np.ones(1, np.int64), 8, 1)
-        _accepted(np.ones(1, np.int64), np.ones(1, np.bool_))
         if self.tracker is not None:
             compile_policy()
         logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
@@ -239,7 +238,6 @@ class JacobiProposer:
         # after a rest the remembered guesses are a step older than them.
         sent = tracker.score(slots, token_ids_cpu, num_tokens, num_new, stale=self._rested)
         self._rested = False
-        tracker.deliver(_accepted(num_new, sent))
         sources = np.where(self._copied[:rows], COPY, TAIL)
         if not self.plain_cost.knows(rows) and not self._seeded_rows:
             # What a step without guesses costs at this batch size is not known (lately):
@@ -307,16 +305,6 @@ def _draft_room(num_tokens_no_spec, num_new, max_model_len, max_k):
         if num_new[i] > 0:
             max_len[i] = max(min(max_model_len - num_tokens[i] - 1, max_k), 0)
     return num_tokens, max_len
-
-
-@numba.njit(cache=True)
-def _accepted(num_new, sent):
-    """Guesses accepted in the rows that sent some (each row's new tokens but one)."""
-    total = 0
-    for i in range(len(num_new)):
-        if sent[i] and num_new[i] > 1:
-            total += num_new[i] - 1
-    return total
 
 
 @numba.njit(cache=True)
