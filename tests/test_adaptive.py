@@ -17,8 +17,10 @@ from cllm_vllm.adaptive import (
     AcceptanceTracker,
     BlockChooser,
     StepCostModel,
+    align_step,
     expected_rate,
     plan_draft_lengths,
+    step_size_at_most,
     verified_prefix,
 )
 
@@ -102,6 +104,47 @@ def test_plan_respects_max_len_and_is_the_best_total():
     got = plan(s, np.full(3, 4), cost, 3, 3, min_gain=0.0, min_speedup=1.0)
     value = (3 + sum(s[r, :d].sum() for r, d in enumerate(got))) / cost(3 + got.sum())
     assert value == pytest.approx(best[0])
+
+
+def test_step_sizes_are_few_every_size_up_to_16_then_8_per_doubling():
+    sizes = {int(step_size_at_most(n)) for n in range(1, 1089)}
+    assert {n for n in sizes if n <= 16} == set(range(1, 17))
+    assert sorted(n for n in sizes if 64 <= n <= 128) == list(range(64, 129, 8))
+    assert len(sizes) < 70  # against 1,088 token counts a step of 64 x 17 tokens can run
+    assert all(step_size_at_most(n) <= n < step_size_at_most(n) * 9 / 8 + 1
+               for n in range(1, 1089))
+
+
+def test_align_step_drops_the_least_likely_guesses_or_adds_the_likeliest():
+    s = survival_of([0.9, 0.5, 0.8])
+    full = np.full(3, K)
+    # 40 requests (base tokens) + 5 guesses = 45: down to 44 (drop 1) beats up to 48.
+    got = align_step(np.array([2, 2, 1]), s, full, 40, MIN_GAIN)
+    assert got.tolist() == [2, 1, 1]  # row 1's second guess was the least likely (0.25)
+    # 40 + 7 = 47: up to 48 adds one guess, where it is likeliest (row 0's third, 0.73).
+    got = align_step(np.array([2, 3, 2]), s, full, 40, MIN_GAIN)
+    assert got.tolist() == [3, 3, 2]
+    # 41 + 1 = 42: dropping would send nothing; up to 44 adds the two likeliest.
+    got = align_step(np.array([1, 0, 0]), s, full, 41, MIN_GAIN)
+    assert got.tolist() == [2, 0, 1]
+    # Nothing usable to add (max_len, or chances below MIN_GAIN): left as it is.
+    got = align_step(np.array([1, 0, 0]), s, np.array([1, 0, 0]), 41, MIN_GAIN)
+    assert got.tolist() == [1, 0, 0]
+    # Aligned already, or no guess at all: unchanged.
+    assert align_step(np.array([2, 1, 1]), s, full, 40, MIN_GAIN).tolist() == [2, 1, 1]
+    assert align_step(np.zeros(3, np.int64), s, full, 41, MIN_GAIN).tolist() == [0, 0, 0]
+    # Random plans land on an allowed size, within max_len.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        rows = int(rng.integers(1, 65))
+        s = np.cumprod(rng.uniform(0.5, 1.0, (rows, K)), axis=1)
+        max_len = rng.integers(0, K + 1, rows)
+        lengths = (max_len * rng.uniform(0, 1, rows)).astype(np.int64)
+        base = int(rng.integers(rows, 2 * rows + 1))
+        got = align_step(lengths.copy(), s, max_len, base, MIN_GAIN)
+        assert (got >= 0).all() and (got <= max_len).all()
+        if lengths.sum() and got.sum() != lengths.sum():
+            assert step_size_at_most(base + got.sum()) == base + got.sum()
 
 
 def test_step_cost_model_learns_a_curve_online():

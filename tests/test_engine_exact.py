@@ -175,6 +175,45 @@ def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models, monkey
     assert noisy.accepted <= 3 and noisy.drafted <= 3 * 8, noisy
 
 
+def test_adaptive_steps_run_a_few_sizes_each_run_once_as_the_engine_starts(models,
+                                                                         monkeypatch):
+    """On a CPU, every new number of tokens in a step costs a one-off kernel build
+    (cllm_vllm.adaptive.STEP_SIZES_PER_DOUBLING): the engine runs each allowed size once
+    as it starts, and drafting steps keep to them (save where a request left the batch
+    after the draft lengths were chosen)."""
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from cllm_vllm import proposer
+    from cllm_vllm.adaptive import step_size_at_most, step_sizes
+
+    StepClock(per_token=1e-5).install(monkeypatch)  # guesses nearly free: many drafts
+    warmed, steps = [], []
+    real_dummy = GPUModelRunner._dummy_run
+
+    def dummy_run(runner, num_tokens, *args, **kwargs):
+        warmed.append(num_tokens)
+        return real_dummy(runner, num_tokens, *args, **kwargs)
+
+    timed = proposer.JacobiProposer.step_started  # (the StepClock's)
+
+    def step_started(drafter, num_tokens, num_guesses, continuing):
+        steps.append((num_tokens, num_guesses))
+        timed(drafter, num_tokens, num_guesses, continuing)
+
+    monkeypatch.setattr(GPUModelRunner, "_dummy_run", dummy_run)
+    monkeypatch.setattr(proposer.JacobiProposer, "step_started", step_started)
+    k, seqs = 8, 16
+    with engine(models["loop"], jacobi_k=k, max_num_seqs=seqs) as llm:
+        assert set(step_sizes(seqs * (k + 1))) <= set(warmed)
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in repetitive_prompts(seqs, 51)],
+                     greedy(max_tokens=160), use_tqdm=False)
+    drafting = [n for n, m in steps if m]
+    assert len(drafting) > 20, steps
+    aligned = [n for n in drafting if step_size_at_most(n) == n]
+    assert len(aligned) >= 0.8 * len(drafting), drafting
+
+
 def test_per_batch_size_schedule_bounds_the_block(models):
     """`num_speculative_tokens_per_batch_size` caps the draft per request by batch size:
     6 tokens for a request alone, 1 once two or more share the step."""
