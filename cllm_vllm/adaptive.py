@@ -38,7 +38,8 @@ step ahead; :class:`BlockChooser` measures it against blocks sent steadily (the 
 block, and a short one), which also pay in later steps. The work of a step
 (scoring last step's guesses, updating the estimates, planning) is a few compiled (numba)
 passes over the batch: at batch 1 a few dozen numpy calls would cost more than a short
-block gains.
+block gains. A step with guesses is trimmed or topped up to one of a few sizes
+(:func:`align_step`): on a CPU every new size costs a kernel build.
 
 Statistics are kept per request id only to choose lengths; what is proposed never depends
 on them, so preemption, recompute and batch reordering cannot change any output.

@@ -253,11 +253,12 @@ class JacobiProposer:
             survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
             plain = self.plain_cost.predict_one(rows)
             base_gain = float(np.count_nonzero(num_new))
+            # Nothing measured (lately) of what guesses cost: they look free, so they get
+            # tried and timed, one per request at most (a bounded probe).
+            cap = max_len if known else np.minimum(max_len, 1)
             lengths = plan_draft_lengths(
                 survival,
-                # Nothing measured (lately) of what guesses cost: they look free, so they
-                # get tried and timed, one per request at most (a bounded probe).
-                max_len if known else np.minimum(max_len, 1),
+                cap,
                 plain_seconds=plain,
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
                 base_gain=base_gain,
@@ -282,7 +283,7 @@ class JacobiProposer:
             if arm != PLAN:
                 lengths = block(arm)
             # A step runs one of a few sizes (see cllm_vllm.adaptive.STEP_SIZES_PER_DOUBLING).
-            align_step(lengths, survival, max_len, int(np.count_nonzero(num_new)), MIN_GAIN)
+            align_step(lengths, survival, cap, int(base_gain), MIN_GAIN)
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.

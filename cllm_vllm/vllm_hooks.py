@@ -310,6 +310,10 @@ def install_runner_hook() -> None:
     wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
 
 
+WARM_UP_SECONDS = 20.0
+"""The CPU warm-up runs step sizes smallest first for at most about this long."""
+
+
 def _install_cpu_warm_up() -> None:
     """Run every step size adaptive drafting may use once, as the CPU engine starts.
 
@@ -318,7 +322,8 @@ def _install_cpu_warm_up() -> None:
     step itself. Adaptive drafting keeps its steps on a few sizes
     (:func:`cllm_vllm.adaptive.step_sizes`); running each once here (a forward pass of
     dummy tokens, and the logits) moves that cost out of the first requests' steps, where
-    it also misleads the policy's step-cost estimates.
+    it also misleads the policy's step-cost estimates. A model whose forward passes are
+    slow stops after ``WARM_UP_SECONDS``: there a kernel build is small beside a step.
     """
     try:
         from vllm.v1.worker.cpu_worker import CPUWorker
@@ -336,12 +341,15 @@ def _install_cpu_warm_up() -> None:
                 most = min(runner.scheduler_config.max_num_batched_tokens,
                            runner.max_num_reqs * (drafter.k + 1))
                 t0 = time.perf_counter()
-                sizes = step_sizes(most)
-                for n in sizes:
+                done = 0
+                for n in step_sizes(most):
+                    if time.perf_counter() - t0 > WARM_UP_SECONDS:
+                        break  # a large model: its steps dwarf a kernel build anyway
                     hidden, _ = runner._dummy_run(n)
                     runner.model.compute_logits(hidden)
-                logger.info("Jacobi: ran the %d step sizes up to %d tokens once (%.1f s)",
-                            len(sizes), most, time.perf_counter() - t0)
+                    done = n
+                logger.info("Jacobi: ran every step size up to %d tokens (of %d) once, "
+                            "%.1f s", done, most, time.perf_counter() - t0)
             return out
 
         return compile_or_warm_up_model
