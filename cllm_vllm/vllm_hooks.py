@@ -341,15 +341,15 @@ def _install_cpu_warm_up() -> None:
                 most = min(runner.scheduler_config.max_num_batched_tokens,
                            runner.max_num_reqs * (drafter.k + 1))
                 t0 = time.perf_counter()
-                done = 0
-                for n in step_sizes(most):
+                sizes, done = step_sizes(most), 0
+                for n in sizes:
                     if time.perf_counter() - t0 > WARM_UP_SECONDS:
                         break  # a large model: its steps dwarf a kernel build anyway
                     hidden, _ = runner._dummy_run(n)
                     runner.model.compute_logits(hidden)
-                    done = n
-                logger.info("Jacobi: ran every step size up to %d tokens (of %d) once, "
-                            "%.1f s", done, most, time.perf_counter() - t0)
+                    done += 1
+                logger.info("Jacobi: ran %d of the %d step sizes up to %d tokens once (%.1f s)",
+                            done, len(sizes), most, time.perf_counter() - t0)
             return out
 
         return compile_or_warm_up_model
