@@ -252,7 +252,10 @@ class JacobiProposer:
             known = self.extra_cost.num_observed_bins > 0
             survival = tracker.survival(slots, carried, sources) * tracker.calibration(rows)
             plain = self.plain_cost.predict_one(rows)
-            base_gain = float(np.count_nonzero(num_new))
+            # Rows that decode: each gains one sure token, and runs one token next step
+            # (the base that align_step sizes the step from).
+            decoding = int(np.count_nonzero(num_new))
+            base_gain = float(decoding)
             # Nothing measured (lately) of what guesses cost: they look free, so they get
             # tried and timed, one per request at most (a bounded probe).
             cap = max_len if known else np.minimum(max_len, 1)
@@ -283,7 +286,7 @@ class JacobiProposer:
             if arm != PLAN:
                 lengths = block(arm)
             # A step runs one of a few sizes (see cllm_vllm.adaptive.STEP_SIZES_PER_DOUBLING).
-            align_step(lengths, survival, cap, int(base_gain), MIN_GAIN)
+            align_step(lengths, survival, cap, decoding, MIN_GAIN)
             if self._seeded_rows:
                 # A seeded request's random stream follows its drafts: they must not depend
                 # on the batch or the clock, so it drafts the full block.
