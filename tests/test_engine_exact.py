@@ -175,6 +175,52 @@ def test_adaptive_drafting_stops_for_a_request_that_never_accepts(models, monkey
     assert noisy.accepted <= 3 and noisy.drafted <= 3 * 8, noisy
 
 
+def test_steps_the_policy_rests_through_run_without_the_drafter(models, reference,
+                                                                monkeypatch):
+    """Where guesses cost more than they return (steps timed on a :class:`StepClock`
+    that makes every token dear), the policy rests, and vLLM runs those steps as if no
+    drafter were configured: no drafting call at their end. Outputs still match AR. A
+    live seeded request keeps every step drafting (its drafts must not depend on the
+    clock); once it has finished, the engine rests again."""
+    from vllm import SamplingParams
+
+    from cllm_vllm import proposer
+
+    StepClock(per_token=1e-2).install(monkeypatch)
+    timed, proposing = proposer.JacobiProposer.step_started, proposer.JacobiProposer.propose
+    count = {"steps": 0, "drafting calls": 0}
+
+    def step_started(drafter, num_tokens, num_guesses, continuing):
+        count["steps"] += num_tokens > 0
+        timed(drafter, num_tokens, num_guesses, continuing)
+
+    def propose(drafter, *args, **kwargs):
+        count["drafting calls"] += 1
+        return proposing(drafter, *args, **kwargs)
+
+    monkeypatch.setattr(proposer.JacobiProposer, "step_started", step_started)
+    monkeypatch.setattr(proposer.JacobiProposer, "propose", propose)
+
+    def run(prompts, params):
+        count.update(dict.fromkeys(count, 0))
+        got = generate_ids(llm, prompts, params)
+        return got, dict(count)
+
+    idx = list(range(16))
+    with engine(models["llama"], jacobi_k=8) as llm:
+        got, greedy_run = run([PROMPTS[i] for i in idx], greedy())
+        seeded = [SamplingParams(temperature=0.8, max_tokens=24, seed=i, ignore_eos=True)
+                  for i in range(4)]
+        _, seeded_run = run(PROMPTS[:4], seeded)
+        again, greedy_again = run([PROMPTS[i] for i in idx], greedy())
+    assert_same(got, [reference[i] for i in idx])
+    assert again == got
+    for counts in (greedy_run, greedy_again):
+        assert counts["drafting calls"] < 0.5 * counts["steps"], counts
+    assert seeded_run["steps"] > 20 and seeded_run["drafting calls"] == seeded_run["steps"], \
+        seeded_run
+
+
 def test_adaptive_steps_run_a_few_sizes_each_run_once_as_the_engine_starts(models,
                                                                          monkeypatch):
     """On a CPU, every new number of tokens in a step costs a one-off kernel build
