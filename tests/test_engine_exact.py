@@ -28,7 +28,8 @@ PROMPTS = prompt_token_ids(64, seed=0) + repetitive_prompts(16, seed=1)
 def greedy(max_tokens=MAX_TOKENS, **kw):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True,
+                             **kw})
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +280,47 @@ def test_per_batch_size_schedule_bounds_the_block(models):
     # Steps with two or more requests draft 1 token each; only a last straggler, alone,
     # may draft up to 6.
     assert many.steps > 0 and many.drafted <= 1.3 * many.steps, many
+
+
+def test_greedy_requests_whose_logits_vllm_changes_match_ar(models, ar, monkeypatch):
+    """A greedy step is verified from the argmax the proposer takes anyway
+    (cllm_vllm.vllm_hooks, 3f) unless vLLM would change or record the logits first: then
+    its rejection sampler runs. Each such parameter, and the plain case, matches AR."""
+    from vllm.inputs import TokensPrompt
+
+    from cllm_vllm import proposer
+
+    real, calls = proposer.JacobiProposer.verify_greedy, []
+
+    def verify_greedy(drafter, *args):
+        calls.append(1)
+        return real(drafter, *args)
+
+    monkeypatch.setattr(proposer.JacobiProposer, "verify_greedy", verify_greedy)
+    prompts = PROMPTS[64:72]  # repetitive: guesses are sent and accepted
+    # Parameter -> whether the argmax path may verify: never while vLLM changes or
+    # records the logits; min_tokens masks the stop tokens only until a request has them.
+    cases = {"plain": ({}, True), "repetition_penalty": ({"repetition_penalty": 1.3}, False),
+             "allowed_token_ids": ({"allowed_token_ids": list(range(3, 300))}, False),
+             "logprobs": ({"logprobs": 2}, False),
+             "min_tokens": ({"min_tokens": 40, "ignore_eos": False}, None)}
+    # A fixed block: every step verifies guesses, whatever their acceptance.
+    with engine(models["llama"], jacobi_k=8, jacobi_options={"adaptive": False}) as jacobi:
+        for name, (kwargs, fast) in cases.items():
+            params = greedy(**kwargs)
+            calls.clear()
+            outs = {label: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                        params, use_tqdm=False)
+                    for label, llm in (("jacobi", jacobi), ("ar", ar))}
+            got, want = ([list(o.outputs[0].token_ids) for o in outs[label]]
+                         for label in ("jacobi", "ar"))
+            assert_same(got, want)
+            assert batch_acceptance(outs["jacobi"]).drafted > 0, name
+            if fast is not None:
+                assert (len(calls) > 0) == fast, (name, len(calls))
+            if name == "logprobs":
+                assert all(len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids)
+                           for o in outs["jacobi"])
 
 
 def test_continuous_batching(jacobi, reference):

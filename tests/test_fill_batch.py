@@ -293,3 +293,24 @@ def test_draft_room_leaves_room_for_the_bonus_token_and_skips_rows_without_a_sam
     room = np.minimum(64 - num_tokens - 1, 8)
     assert max_len.tolist() == np.where(num_new > 0, np.maximum(room, 0), 0).tolist()
     assert max_len.tolist() == [8, 3, 1, 0, 0, 0]
+
+
+def test_greedy_verify_is_one_jacobi_step_per_row():
+    """The batched greedy verification (vLLM's sampler output layout) against
+    cllm_vllm.jacobi.jacobi_step row by row, on random batches with some matching guesses."""
+    from cllm_vllm.jacobi import jacobi_step
+    from cllm_vllm.proposer import _greedy_verify
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        num_draft = rng.integers(0, 6, size=rng.integers(1, 8))
+        targets = [rng.integers(0, 4, size=d + 1) for d in num_draft]
+        guesses = [np.where(rng.random(d) < 0.7, t[:d], rng.integers(0, 4, size=d))
+                   for t, d in zip(targets, num_draft)]
+        width = int(num_draft.max()) + 1
+        out = _greedy_verify(np.concatenate(targets), np.concatenate(guesses).astype(np.int32),
+                             num_draft, width)
+        assert out.dtype == np.int32 and out.shape == (len(num_draft), width)
+        for row, guess, target in zip(out, guesses, targets):
+            exact = jacobi_step(guess, target).exact
+            assert row.tolist() == exact.tolist() + [-1] * (width - len(exact))
