@@ -135,6 +135,12 @@ def check_vllm_surface() -> list[str]:
     if not isinstance(EngineArgs.__dict__.get("from_cli_args"), classmethod):
         problems.append("EngineArgs.from_cli_args is no longer a classmethod")
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+    from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
     sources = {
@@ -148,25 +154,17 @@ def check_vllm_surface() -> list[str]:
         (GPUModelRunner, "__init__"): ["discard_request_mask"],  # cpu_generators
         # A step the policy rests through runs with speculative_config unset (3e): the
         # runner then neither prepares nor drafts for speculation.
-        (GPUModelRunner, "execute_model"): ["use_spec_decode = self.speculative_config is not None"],
+        (GPUModelRunner, "execute_model"): [
+            "use_spec_decode = self.speculative_config is not None"],
         (GPUModelRunner, "sample_tokens"): ["spec_config = self.speculative_config",
                                             "if spec_config is not None:"],
         # take_draft_token_ids may skip an all-empty proposal: scheduling empties guesses.
         (GPUModelRunner, "take_draft_token_ids"): ["self._get_draft_token_ids_cpu()"],
         (Scheduler, "schedule"): ["request.spec_token_ids = []"],
         (InputBatch, "__init__"): ["self.num_prompt_tokens =", "self.generators"],
-    }
-    # The argmax-only verification (3f) and what vLLM's rejection sampler would apply.
-    from vllm.v1.sample import rejection_sampler
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-    from vllm.v1.sample.logits_processor.builtin import (
-        LogitBiasLogitsProcessor,
-        MinTokensLogitsProcessor,
-    )
-
-    sources.update({
-        (rejection_sampler.RejectionSampler, "__init__"): ["self.synthetic_mode ="],
-        (rejection_sampler.RejectionSampler, "apply_logits_processors"): [
+        # The argmax-only verification (3f), and what vLLM's rejection sampler applies.
+        (RejectionSampler, "__init__"): ["self.synthetic_mode ="],
+        (RejectionSampler, "apply_logits_processors"): [
             "sampling_metadata.no_penalties", "sampling_metadata.bad_words_token_ids",
             "sampling_metadata.allowed_token_ids_mask",
             "sampling_metadata.logitsprocs.non_argmax_invariant",
@@ -174,8 +172,8 @@ def check_vllm_surface() -> list[str]:
         (LogitBiasLogitsProcessor, "__init__"): ["self.biases"],
         (MinTokensLogitsProcessor, "__init__"): ["self.min_toks"],
         (SpecDecodeMetadata, "__post_init__"): ["self.max_spec_len ="],
-    })
-    if rejection_sampler.PLACEHOLDER_TOKEN_ID != -1:
+    }
+    if PLACEHOLDER_TOKEN_ID != -1:
         problems.append("vLLM's rejection sampler no longer pads its output with -1")
     for (cls, name), snippets in sources.items():
         src = inspect.getsource(getattr(cls, name))
