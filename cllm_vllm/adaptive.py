@@ -102,17 +102,20 @@ def plan_draft_lengths(
     base_gain: float,
     min_gain: float = MIN_GAIN,
     min_speedup: float = MIN_SPEEDUP,
+    max_total: int | None = None,
 ) -> np.ndarray:
     """Draft length per request that maximises expected exact tokens per second.
 
     ``survival[r, i]``: chance that guesses ``0..i`` of request ``r`` are all accepted
     (non-increasing along ``i``); ``max_len[r]``: the most guesses ``r`` may get;
     ``plain_seconds``: the step without any guess; ``extra_seconds(m)``: what ``m >= 1``
-    guesses in all add to it (vectorised); ``base_gain``: exact tokens without a guess.
+    guesses in all add to it (vectorised); ``base_gain``: exact tokens without a guess;
+    ``max_total``: the most guesses in all (default: no limit).
     """
     rows, k = survival.shape
+    total = rows * k if max_total is None else max(min(int(max_total), rows * k), 0)
     # What every total of guesses would add (at most rows * k of them can be usable).
-    extra = np.asarray(extra_seconds(np.arange(1, rows * k + 1)), dtype=np.float64)
+    extra = np.asarray(extra_seconds(np.arange(1, total + 1)), dtype=np.float64)
     return _best_lengths(np.asarray(survival, dtype=np.float64),
                          np.asarray(max_len, dtype=np.int64), float(plain_seconds), extra,
                          float(base_gain), min_gain, min_speedup)
@@ -122,7 +125,7 @@ def plan_draft_lengths(
 def _best_lengths(survival, max_len, plain_seconds, extra, base_gain, min_gain, min_speedup):
     """:func:`plan_draft_lengths` once the cost of every total is known: the usable
     guesses, best first (ties in row order), and the total with the best rate (the first
-    best: fewer tokens on a tie)."""
+    best: fewer tokens on a tie), at most ``len(extra)`` of them."""
     rows, k = survival.shape
     gains, owners = np.empty(rows * k), np.empty(rows * k, np.int64)
     n = 0
@@ -135,7 +138,7 @@ def _best_lengths(survival, max_len, plain_seconds, extra, base_gain, min_gain, 
     lengths = np.zeros(rows, np.int64)
     first_rate = base_gain / plain_seconds
     expected, best, best_rate = base_gain, 0, first_rate
-    for t in range(n):
+    for t in range(min(n, len(extra))):
         expected += gains[order[t]]
         rate = expected / (plain_seconds + extra[t])
         if rate > best_rate:
@@ -410,6 +413,11 @@ class StepCostModel:
             self._rebuild()
         return self._observed
 
+    def largest_measured(self) -> float:
+        """The largest size the curve rests on (0 with nothing measured lately). Beyond it
+        predictions are optimistic guesses; the plan limits how far past it a step goes."""
+        return float(self._xs[-1]) if self.num_observed_bins else 0.0
+
     def knows(self, tokens: int) -> bool:
         """Whether a size within half a doubling of ``tokens`` has been measured lately."""
         known = self._known.get(tokens)
@@ -594,19 +602,23 @@ class AcceptanceTracker:
         self._promised = np.zeros(CALIBRATION_BUCKETS)
         self._delivered = np.zeros(CALIBRATION_BUCKETS)
         self._pending, self._pending_bucket = 0.0, 0
+        self.joined: list[int] = []  # rows of the last slots() call that got a new slot
 
     def __len__(self) -> int:
         return len(self._slot_of)
 
     def slots(self, req_ids: Sequence[str | None]) -> np.ndarray:
-        """Slots of this batch's requests (new ones get fresh slots); forget the others."""
+        """Slots of this batch's requests (new ones get fresh slots, their rows listed in
+        ``joined``); forget the others."""
         live = set(req_ids)
         for gone in [r for r in self._slot_of if r not in live]:
             self._free.append(self._slot_of.pop(gone))
         out = np.empty(len(req_ids), dtype=np.int64)
+        self.joined = []
         for i, r in enumerate(req_ids):
             slot = self._slot_of.get(r)
             if slot is None:
+                self.joined.append(i)
                 if not self._free:  # more requests than planned: grow
                     self._grow()
                 slot = self._slot_of[r] = self._free.pop()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numba
@@ -55,6 +55,13 @@ MAX_REST = 32
 """While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
 ``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
 drafting, and a request that could start drafting waits at most that many steps."""
+GROWTH = 2.0
+"""A plan sends at most this many times the largest number of guesses whose cost was
+measured lately: beyond it the cost model is optimistic by design (an untried size must
+get tried), and on a busy CPU a jump from 64 guesses to 300 cost three plain steps."""
+MAX_STOP_IDS = 4
+"""Stop tokens per request known to the alignment of step sizes (EOS and the first few
+``stop_token_ids``): a request that stops leaves the next step."""
 MAX_UNLEARNT = 64
 """Step times are learnt from in bulk when the policy next plans, or after this many."""
 
@@ -98,6 +105,10 @@ class JacobiProposer:
         self._num_draft: np.ndarray | None = None
         self._num_prompt_tokens: np.ndarray | None = None
         self._req_ids: Sequence[str] = ()
+        # vLLM's request states by id (the runner's): how each request stops.
+        self._requests: Mapping[str, Any] | None = None
+        self._max_output = np.full(max_reqs, np.iinfo(np.int64).max, dtype=np.int64)
+        self._stop_ids = np.full((max_reqs, MAX_STOP_IDS), -1, dtype=np.int64)
         self._seeded_rows: Sequence[int] = ()
         self._rest = 0  # steps left to rest
         self._idle_plans = 0  # plans in a row that sent no guess
@@ -110,6 +121,10 @@ class JacobiProposer:
         for dtype in (np.int32, np.int64):  # vLLM's buffer, and tests' arrays
             _draft_room(np.ones(1, dtype), np.ones(1, np.int64), 8, 1)
         _greedy_verify(np.zeros(2, np.int64), np.zeros(1, np.int32), np.ones(1, np.int64), 2)
+        for dtype in (np.int32, np.int64):  # vLLM's buffers, and tests' arrays
+            _stopping_rows(np.zeros(1, np.int64), np.zeros((1, 2), dtype), np.ones(1, np.int64),
+                           np.ones(1, np.int64), np.zeros(1, dtype), self._max_output,
+                           self._stop_ids, 8)
         if self.tracker is not None:
             compile_policy()
         logger.info("Jacobi drafting: k=%d, fill=%s, adaptive=%s", self.k,
@@ -193,6 +208,7 @@ class JacobiProposer:
         num_prompt_tokens: np.ndarray,
         req_ids: Sequence[str] = (),
         seeded_rows: Sequence[int] = (),
+        requests: Mapping[str, Any] | None = None,
     ) -> None:
         """Record the target's greedy token at every row vLLM is about to sample.
 
@@ -201,6 +217,7 @@ class JacobiProposer:
         """
         self._num_prompt_tokens = num_prompt_tokens
         self._req_ids = req_ids
+        self._requests = requests
         self._seeded_rows = seeded_rows
         if num_draft_tokens is None or not any(num_draft_tokens):
             # No guess was verified this step (vLLM 0.32 takes its speculative path even
@@ -281,11 +298,44 @@ class JacobiProposer:
         return _split_tails(self._argmax.cpu().numpy(), self._num_draft[:rows], num_new,
                             self._tails)
 
+    def _note_stops(self, slots: np.ndarray) -> None:
+        """Read how the requests that joined stop (vLLM's ``check_stop``: EOS, stop token
+        ids, ``max_tokens``) into their slots; unknown, a request never stops early."""
+        requests = self._requests or {}
+        if len(self._max_output) < len(self.tracker._hits):  # the tracker grew
+            grow = len(self.tracker._hits) - len(self._max_output)
+            self._max_output = np.concatenate(
+                [self._max_output, np.full(grow, np.iinfo(np.int64).max)])
+            self._stop_ids = np.concatenate(
+                [self._stop_ids, np.full((grow, MAX_STOP_IDS), -1, dtype=np.int64)])
+        for row in self.tracker.joined:
+            state = requests.get(self._req_ids[row])
+            params = getattr(state, "sampling_params", None)
+            slot = slots[row]
+            self._max_output[slot] = np.iinfo(np.int64).max
+            self._stop_ids[slot] = -1
+            if params is None:
+                continue
+            if params.max_tokens is not None:
+                self._max_output[slot] = params.max_tokens
+            stops = [params.eos_token_id] if params.eos_token_id is not None else []
+            stops += list(params.stop_token_ids or ())
+            stops = stops[:MAX_STOP_IDS]
+            self._stop_ids[slot, :len(stops)] = stops
+
     def _plan(self, rows, num_new, num_tokens, token_ids_cpu, guesses, max_len) -> np.ndarray:
         """Learn from this step's outcome, then choose every row's draft length."""
         self._learn_step_costs()
         tracker = self.tracker
         slots = tracker.slots(self._req_ids[:rows])
+        self._note_stops(slots)
+        # Rows that stop with this step's tokens leave the batch: they neither draft nor
+        # count towards the next step's size.
+        prompt = self._num_prompt_tokens
+        leaving = _stopping_rows(slots, token_ids_cpu, num_tokens, num_new,
+                                 np.zeros(rows, np.int64) if prompt is None else prompt,
+                                 self._max_output, self._stop_ids, self.max_model_len)
+        max_len = np.where(leaving, 0, max_len)
         # The tokens this step made exact, read from vLLM's buffer (they end each row);
         # after a rest the remembered guesses are a step older than them.
         sent = tracker.score(slots, token_ids_cpu, num_tokens, num_new, stale=self._rested)
@@ -305,7 +355,7 @@ class JacobiProposer:
             plain = self.plain_cost.predict_one(rows)
             # Rows that decode: each gains one sure token, and runs one token next step
             # (the base that align_step sizes the step from).
-            decoding = int(np.count_nonzero(num_new))
+            decoding = int(np.count_nonzero(num_new)) - int(np.count_nonzero(leaving))
             base_gain = float(decoding)
             # Nothing measured (lately) of what guesses cost: they look free, so they get
             # tried and timed, one per request at most (a bounded probe).
@@ -316,6 +366,9 @@ class JacobiProposer:
                 plain_seconds=plain,
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
                 base_gain=base_gain,
+                # Past the largest number of guesses measured lately, costs are guessed
+                # (optimistically, to be tried): a try at most doubles it.
+                max_total=int(GROWTH * self.extra_cost.largest_measured()) if known else None,
             )
 
             # A block, for every request whose next guess has a fair chance (one that
@@ -397,4 +450,26 @@ def _greedy_verify(argmax, drafts, num_draft, width):
         out[i, j] = argmax[offset + j]
         offset += d + 1
         drafted += d
+    return out
+
+
+@numba.njit(cache=True)
+def _stopping_rows(slots, tokens, num_tokens, num_new, num_prompt_tokens, max_output,
+                   stop_ids, max_model_len):
+    """Rows whose request stops with this step's tokens (as vLLM's scheduler will see it):
+    one of its new tokens is a stop token, or it reached ``max_tokens`` or the model's
+    length. (min_tokens and stop strings are not foreseen.)"""
+    out = np.zeros(len(slots), np.bool_)
+    for r in range(len(slots)):
+        n = num_tokens[r]
+        if num_new[r] == 0:
+            continue
+        s = slots[r]
+        if n >= max_model_len or n - num_prompt_tokens[r] >= max_output[s]:
+            out[r] = True
+            continue
+        for j in range(max(n - num_new[r], 0), n):
+            for i in range(stop_ids.shape[1]):
+                if stop_ids[s, i] >= 0 and tokens[r, j] == stop_ids[s, i]:
+                    out[r] = True
     return out

@@ -295,6 +295,7 @@ def install_runner_hook() -> None:
                     self.input_batch.num_prompt_tokens,
                     self.input_batch.req_ids,
                     seeded_rows=list(generators),
+                    requests=self.requests,
                 )
                 if spec_decode_metadata is not None and _argmax_only(self, logits):
                     # vLLM's rejection sampler would take the same argmax (3f).

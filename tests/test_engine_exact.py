@@ -226,8 +226,7 @@ def test_adaptive_steps_run_a_few_sizes_each_run_once_as_the_engine_starts(model
                                                                          monkeypatch):
     """On a CPU, every new number of tokens in a step costs a one-off kernel build
     (cllm_vllm.adaptive.STEP_SIZES_PER_DOUBLING): the engine runs each allowed size once
-    as it starts, and drafting steps keep to them (save where a request left the batch
-    after the draft lengths were chosen)."""
+    as it starts, and drafting steps keep to them, requests leaving the batch included."""
     from vllm.inputs import TokensPrompt
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -253,12 +252,13 @@ def test_adaptive_steps_run_a_few_sizes_each_run_once_as_the_engine_starts(model
     k, seqs = 8, 16
     with engine(models["loop"], jacobi_k=k, max_num_seqs=seqs) as llm:
         assert set(step_sizes(seqs * (k + 1))) <= set(warmed)
+        # Requests of different lengths: they leave the batch at different steps.
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in repetitive_prompts(seqs, 51)],
-                     greedy(max_tokens=160), use_tqdm=False)
+                     [greedy(max_tokens=100 + 5 * i) for i in range(seqs)], use_tqdm=False)
     drafting = [n for n, m in steps if m]
     assert len(drafting) > 20, steps
     aligned = [n for n in drafting if step_size_at_most(n) == n]
-    assert len(aligned) >= 0.8 * len(drafting), drafting
+    assert len(aligned) >= 0.95 * len(drafting), drafting
 
 
 def test_per_batch_size_schedule_bounds_the_block(models):

@@ -314,3 +314,24 @@ def test_greedy_verify_is_one_jacobi_step_per_row():
         for row, guess, target in zip(out, guesses, targets):
             exact = jacobi_step(guess, target).exact
             assert row.tolist() == exact.tolist() + [-1] * (width - len(exact))
+
+
+def test_stopping_rows_are_those_vllm_will_finish():
+    """A row leaves the batch when one of its new tokens is a stop token, or it reached
+    max_tokens or the model's length (vLLM's check_stop); a row without a sample stays."""
+    from cllm_vllm.proposer import _stopping_rows
+
+    tokens = np.array([[5, 6, 7, 2, 0], [5, 6, 7, 8, 0], [1, 1, 9, 1, 0], [4, 4, 4, 4, 4],
+                       [3, 2, 0, 0, 0]], dtype=np.int32)
+    num_tokens = np.array([4, 4, 4, 5, 2])
+    num_new = np.array([2, 1, 2, 1, 0])  # row 4: a prefill chunk, no sample
+    prompt = np.array([2, 2, 1, 1, 1], dtype=np.int32)
+    max_output = np.array([100, 2, 100, 100, 100])
+    stops = np.array([[2, -1], [2, -1], [9, 2], [-1, -1], [2, -1]])
+    # Row 0: EOS among its new tokens; row 1: max_tokens; row 2: a stop token id that is
+    # not the last new token; row 3: the model's length (5).
+    got = _stopping_rows(np.arange(5), tokens, num_tokens, num_new, prompt, max_output, stops, 5)
+    assert got.tolist() == [True, True, True, True, False]
+    got = _stopping_rows(np.arange(5), tokens, num_tokens, num_new, prompt,
+                         np.full(5, 100), np.full((5, 2), -1), 1024)
+    assert not got.any()
