@@ -12,7 +12,11 @@ proposer) get us most of the way; the seams below are not documented and are wra
    ``custom_class`` API never shows; we hand the logits to the proposer before vLLM samples.
    A step in which no request carries a guess is sampled by the plain sampler instead of
    the rejection sampler (vLLM 0.32 takes its speculative path whenever a drafter is
-   configured; ``_bookkeeping_sync`` reads one-token rows the same either way).
+   configured; ``_bookkeeping_sync`` reads one-token rows the same either way). The
+   proposer also gets the runner's request states (``GPUModelRunner.requests``): how each
+   request stops (``SamplingParams.max_tokens``, ``eos_token_id``, ``stop_token_ids``, as
+   vLLM's ``check_stop`` reads them), so that a request about to finish is left out of
+   the next step's size.
 3. ``EngineArgs.add_cli_args`` / ``from_cli_args``: the ``--jacobi`` flags.
 3a. ``GPUModelRunner._prepare_inputs``: vLLM 0.32 builds speculative metadata for every
    step once a drafter is configured (``use_spec_decode = self.speculative_config is not
@@ -134,6 +138,7 @@ def check_vllm_surface() -> list[str]:
         pass  # not a CPU build: nothing is warmed up
     if not isinstance(EngineArgs.__dict__.get("from_cli_args"), classmethod):
         problems.append("EngineArgs.from_cli_args is no longer a classmethod")
+    from vllm.v1.core.sched import utils as check_stop_module
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.sample.logits_processor.builtin import (
         LogitBiasLogitsProcessor,
@@ -151,7 +156,12 @@ def check_vllm_surface() -> list[str]:
             'method == "custom_class"',
             "self.drafter).propose(",
         ],
-        (GPUModelRunner, "__init__"): ["discard_request_mask"],  # cpu_generators
+        (GPUModelRunner, "__init__"): ["discard_request_mask",  # cpu_generators
+                                       "self.requests: dict[str, CachedRequestState]"],
+        # How a request stops, as the proposer reads it (see 2).
+        (check_stop_module, "check_stop"): ["sampling_params.eos_token_id",
+                                            "sampling_params.stop_token_ids",
+                                            "request.max_tokens"],
         # A step the policy rests through runs with speculative_config unset (3e): the
         # runner then neither prepares nor drafts for speculation.
         (GPUModelRunner, "execute_model"): [
@@ -173,6 +183,12 @@ def check_vllm_surface() -> list[str]:
         (MinTokensLogitsProcessor, "__init__"): ["self.min_toks"],
         (SpecDecodeMetadata, "__post_init__"): ["self.max_spec_len ="],
     }
+    from vllm import SamplingParams
+
+    params = SamplingParams()
+    problems += [f"SamplingParams.{name} is gone" for name in
+                 ("max_tokens", "eos_token_id", "stop_token_ids", "seed")
+                 if not hasattr(params, name)]
     if PLACEHOLDER_TOKEN_ID != -1:
         problems.append("vLLM's rejection sampler no longer pads its output with -1")
     for (cls, name), snippets in sources.items():
@@ -183,6 +199,7 @@ def check_vllm_surface() -> list[str]:
     from vllm.config import SpeculativeConfig
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
     from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
     from vllm.v1.sample.metadata import SamplingMetadata
 
     fields = {
@@ -191,6 +208,7 @@ def check_vllm_surface() -> list[str]:
                           "finished_req_ids"],
         CachedRequestData: ["req_ids"],
         NewRequestData: ["req_id", "sampling_params"],
+        CachedRequestState: ["sampling_params"],
         SpecDecodeMetadata: ["num_draft_tokens", "draft_token_ids"],
         SamplerOutput: ["sampled_token_ids", "logprobs_tensors"],
         SamplingMetadata: ["all_greedy", "max_num_logprobs", "no_penalties",
