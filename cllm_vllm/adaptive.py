@@ -607,6 +607,11 @@ class AcceptanceTracker:
     def __len__(self) -> int:
         return len(self._slot_of)
 
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (it grows when more requests than planned share a step)."""
+        return len(self._hits)
+
     def slots(self, req_ids: Sequence[str | None]) -> np.ndarray:
         """Slots of this batch's requests (new ones get fresh slots, their rows listed in
         ``joined``); forget the others."""

@@ -302,8 +302,8 @@ class JacobiProposer:
         """Read how the requests that joined stop (vLLM's ``check_stop``: EOS, stop token
         ids, ``max_tokens``) into their slots; unknown, a request never stops early."""
         requests = self._requests or {}
-        if len(self._max_output) < len(self.tracker._hits):  # the tracker grew
-            grow = len(self.tracker._hits) - len(self._max_output)
+        if len(self._max_output) < self.tracker.capacity:  # the tracker grew
+            grow = self.tracker.capacity - len(self._max_output)
             self._max_output = np.concatenate(
                 [self._max_output, np.full(grow, np.iinfo(np.int64).max)])
             self._stop_ids = np.concatenate(
