@@ -80,6 +80,23 @@ def test_a_fixed_cost_of_verifying_is_paid_only_once_worth_it():
     assert plan_draft_lengths(s, np.full(1, K), plain, extra, 1)[0] > 4
 
 
+def test_a_plan_goes_at_most_twice_past_the_most_guesses_measured():
+    """Beyond the largest number of guesses measured, the cost curve is flat (an untried
+    size looks cheap, to be tried); ``max_total`` bounds how far a plan reaches into it."""
+    cost = StepCostModel(through_zero=True)
+    assert cost.largest_measured() == 0.0
+    for _ in range(3):
+        cost.observe(8, 0.002)
+    assert cost.largest_measured() == 8.0
+    s = survival_of([0.9] * 8)
+    plain = 0.01
+    unbounded = plan_draft_lengths(s, np.full(8, K), plain, cost.predict, 8)
+    assert unbounded.sum() > 64  # every usable guess: beyond 8 they look free
+    bounded = plan_draft_lengths(s, np.full(8, K), plain, cost.predict, 8,
+                                 max_total=int(2 * cost.largest_measured()))
+    assert 0 < bounded.sum() <= 16
+
+
 def test_more_load_means_shorter_blocks():
     """The same requests and per-token cost: a bigger batch drafts fewer tokens per request."""
     cost = linear_cost(1.0, 0.01)
