@@ -57,8 +57,9 @@ MAX_REST = 32
 drafting, and a request that could start drafting waits at most that many steps."""
 GROWTH = 2.0
 """A plan sends at most this many times the largest number of guesses whose cost was
-measured lately: beyond it the cost model is optimistic by design (an untried size must
-get tried), and on a busy CPU a jump from 64 guesses to 300 cost three plain steps."""
+measured lately (or ``k``, whichever is more): beyond it the cost model is optimistic by
+design (an untried size must get tried), and on a busy CPU a jump from 64 guesses to 300
+cost three plain steps."""
 MAX_STOP_IDS = 4
 """Stop tokens per request known to the alignment of step sizes (EOS and the first few
 ``stop_token_ids``): a request that stops leaves the next step."""
@@ -96,7 +97,9 @@ class JacobiProposer:
         self.extra_cost = StepCostModel(through_zero=True)
         self._step_start: float | None = None
         self._step_tokens = self._step_guesses = 0
-        self._timed: list[tuple[int, int, float]] = []  # steps timed, not yet learnt from
+        # Steps timed, not yet learnt from: tokens, guesses, seconds, rested through.
+        self._timed: list[tuple[int, int, float, bool]] = []
+        self._step_rested = False
         self._seeded_ids: set[str] = set()  # live requests with a seed
         # The first step of each kind pays one-time costs (first calls): not recorded.
         self._first = {"plain": True, "extra": True}
@@ -145,11 +148,13 @@ class JacobiProposer:
         """
         now = time.perf_counter()
         if self._step_start is not None and continuing:
-            self._timed.append((self._step_tokens, self._step_guesses, now - self._step_start))
+            self._timed.append((self._step_tokens, self._step_guesses,
+                                now - self._step_start, self._step_rested))
             if len(self._timed) >= MAX_UNLEARNT:
                 self._learn_step_costs()
         self._step_start = now if num_tokens else None
         self._step_tokens, self._step_guesses = num_tokens, num_guesses
+        self._step_rested = False
 
     def note_requests(self, seeded: Sequence[str], finished: Any) -> None:
         """Requests that joined this step with a seed, and requests that finished."""
@@ -165,6 +170,7 @@ class JacobiProposer:
         if not self._rest or self._seeded_ids:
             return False
         self._rest, self._rested = self._rest - 1, True
+        self._step_rested = True
         self._argmax = self._num_draft = None
         return True
 
@@ -177,12 +183,16 @@ class JacobiProposer:
         """Feed the step times taken since the last call to the cost models and the block
         chooser, in order."""
         plain_cost, extra_cost = self.plain_cost, self.extra_cost
-        for tokens, guesses, seconds in self._timed:
+        for tokens, guesses, seconds, rested in self._timed:
             if self.chooser is not None:
                 self.chooser.took(seconds)
             base = tokens - guesses
             kind = "extra" if guesses else "plain"
-            if self._first[kind]:
+            if rested:
+                # A step run without vLLM's speculative path: cheaper than any step that
+                # could draft, which is what a drafting step is weighed against (P).
+                extra_cost.age()
+            elif self._first[kind]:
                 self._first[kind] = False
             elif kind == "plain":
                 # A stalled step counts at most SPIKE times the prediction, even at a new size.
@@ -367,8 +377,10 @@ class JacobiProposer:
                 extra_seconds=self.extra_cost.predict if known else np.zeros_like,
                 base_gain=base_gain,
                 # Past the largest number of guesses measured lately, costs are guessed
-                # (optimistically, to be tried): a try at most doubles it.
-                max_total=int(GROWTH * self.extra_cost.largest_measured()) if known else None,
+                # (optimistically, to be tried): a try at most doubles it, or reaches one
+                # block (a first probe of one guess must not cap the plan at two).
+                max_total=max(int(GROWTH * self.extra_cost.largest_measured()), self.k)
+                if known else None,
             )
 
             # A block, for every request whose next guess has a fair chance (one that
