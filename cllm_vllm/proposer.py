@@ -65,6 +65,7 @@ MAX_STOP_IDS = 4
 ``stop_token_ids``): a request that stops leaves the next step."""
 MAX_UNLEARNT = 64
 """Step times are learnt from in bulk when the policy next plans, or after this many."""
+NO_LIMIT = np.iinfo(np.int64).max
 
 
 class JacobiProposer:
@@ -110,7 +111,7 @@ class JacobiProposer:
         self._req_ids: Sequence[str] = ()
         # vLLM's request states by id (the runner's): how each request stops.
         self._requests: Mapping[str, Any] | None = None
-        self._max_output = np.full(max_reqs, np.iinfo(np.int64).max, dtype=np.int64)
+        self._max_output = np.full(max_reqs, NO_LIMIT, dtype=np.int64)
         self._stop_ids = np.full((max_reqs, MAX_STOP_IDS), -1, dtype=np.int64)
         self._seeded_rows: Sequence[int] = ()
         self._rest = 0  # steps left to rest
@@ -315,14 +316,14 @@ class JacobiProposer:
         if len(self._max_output) < self.tracker.capacity:  # the tracker grew
             grow = self.tracker.capacity - len(self._max_output)
             self._max_output = np.concatenate(
-                [self._max_output, np.full(grow, np.iinfo(np.int64).max)])
+                [self._max_output, np.full(grow, NO_LIMIT)])
             self._stop_ids = np.concatenate(
                 [self._stop_ids, np.full((grow, MAX_STOP_IDS), -1, dtype=np.int64)])
         for row in self.tracker.joined:
             state = requests.get(self._req_ids[row])
             params = getattr(state, "sampling_params", None)
             slot = slots[row]
-            self._max_output[slot] = np.iinfo(np.int64).max
+            self._max_output[slot] = NO_LIMIT
             self._stop_ids[slot] = -1
             if params is None:
                 continue

@@ -281,10 +281,17 @@ def install_runner_hook() -> None:
     Called from the proposer's constructor, i.e. only in worker processes that draft
     with Jacobi, after vLLM's model runner module is fully imported.
     """
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from cllm_vllm.proposer import JacobiProposer
 
+    # vLLM's built-in processors that change the logits, and what is empty when they idle.
+    idle_when_empty = {LogitBiasLogitsProcessor: "biases", MinTokensLogitsProcessor: "min_toks"}
     cpu_rejection_expand.install()
     cpu_generators.install()
 
@@ -315,10 +322,9 @@ def install_runner_hook() -> None:
                     seeded_rows=list(generators),
                     requests=self.requests,
                 )
-                if spec_decode_metadata is not None and _argmax_only(self, logits):
+                if spec_decode_metadata is not None and _argmax_only(self, logits,
+                                                                     idle_when_empty):
                     # vLLM's rejection sampler would take the same argmax (3f).
-                    from vllm.v1.outputs import SamplerOutput
-
                     return SamplerOutput(
                         sampled_token_ids=drafter.verify_greedy(
                             spec_decode_metadata.draft_token_ids,
@@ -417,16 +423,13 @@ def install_runner_hook() -> None:
     wrap(GPUModelRunner, "sample_tokens", "jacobi", make_sample_tokens)
 
 
-def _argmax_only(runner: Any, logits: Any) -> bool:
+def _argmax_only(runner: Any, logits: Any, idle_when_empty: dict[type, str]) -> bool:
     """Whether vLLM 0.32 would sample this step by the argmax of the logits as they are:
     every request greedy, on the CPU, and nothing that rescales, masks or records the
     logits (logprobs, penalties, bad words, allowed tokens, logit bias, min tokens, a
-    thinking budget, a custom logits processor, synthetic acceptance)."""
-    from vllm.v1.sample.logits_processor.builtin import (
-        LogitBiasLogitsProcessor,
-        MinTokensLogitsProcessor,
-    )
-
+    thinking budget, a custom logits processor, synthetic acceptance). A logits processor
+    counts as idle only if it is one of ``idle_when_empty`` (class -> the attribute that
+    is empty while no request uses it) and that attribute is empty."""
     md = runner.input_batch.sampling_metadata
     if not (md.all_greedy and logits.device.type == "cpu" and md.max_num_logprobs is None
             and md.no_penalties and not md.bad_words_token_ids
@@ -437,11 +440,9 @@ def _argmax_only(runner: Any, logits: Any) -> bool:
     if holder is not None and holder.has_tracked_requests():
         return False
     for processor in md.logitsprocs.non_argmax_invariant:
-        if isinstance(processor, LogitBiasLogitsProcessor) and not processor.biases:
-            continue
-        if isinstance(processor, MinTokensLogitsProcessor) and not processor.min_toks:
-            continue
-        return False
+        attr = idle_when_empty.get(type(processor))
+        if attr is None or getattr(processor, attr):
+            return False
     return True
 
 
