@@ -150,6 +150,31 @@ def _best_lengths(survival, max_len, plain_seconds, extra, base_gain, min_gain, 
     return lengths
 
 
+MAX_REST = 32
+"""While its plans send no guess at all (a busy engine, or requests whose guesses fail),
+the policy rests 1, 2, 4 ... ``MAX_REST`` steps between plans (:func:`rest_after_plan`)."""
+
+
+def rest_after_plan(level: int, drafted: bool) -> tuple[int, int]:
+    """The rest schedule's next level and the steps to rest now, after a plan that sent
+    guesses (``drafted``) or none, from its current ``level`` (0 at the start).
+
+    A step that plans costs more than one the policy rests through (the plan, and vLLM's
+    speculative path, which a step without a drafter skips): on a CPU at batch 1, a
+    quarter of the step. Plans that send nothing back off exponentially, so the policy's
+    own cost fades where it keeps deciding against drafting, and a request that could
+    start drafting waits at most ``MAX_REST`` steps. A plan that drafts steps the level
+    back by one only: a lone drafting step among long rests (a guess that looked good
+    once) would otherwise buy six more plans over the next ~70 steps, more than the
+    step gains; a run of drafting plans (requests that keep drafting) returns to
+    planning at every step.
+    """
+    if drafted:
+        return max(level - 1, 0), 0
+    level = min(level + 1, MAX_REST.bit_length())
+    return level, min(1 << level >> 1, MAX_REST)
+
+
 STEP_SIZES_PER_DOUBLING = 8
 """Steps with guesses run a number of tokens from a coarse set: every size up to 16, then
 8 sizes per doubling (:func:`step_size_at_most`). A CPU engine pays for every new size:

@@ -40,6 +40,7 @@ from cllm_vllm.adaptive import (
     align_step,
     expected_rate,
     plan_draft_lengths,
+    rest_after_plan,
     sent_survival,
 )
 from cllm_vllm.adaptive import warm_up as compile_policy
@@ -51,10 +52,6 @@ from cllm_vllm.fill import warm_up as compile_fill
 # module logger would stay silent at INFO.
 logger = logging.getLogger(f"vllm.{__name__}")
 SPIKE = StepCostModel.SPIKE
-MAX_REST = 32
-"""While its plans send no guess at all (a busy engine), the policy rests 1, 2, 4 ...
-``MAX_REST`` steps between plans: its own cost fades where it keeps deciding against
-drafting, and a request that could start drafting waits at most that many steps."""
 GROWTH = 2.0
 """A plan sends at most this many times the largest number of guesses whose cost was
 measured lately (or ``k``, whichever is more): beyond it the cost model is optimistic by
@@ -115,7 +112,7 @@ class JacobiProposer:
         self._stop_ids = np.full((max_reqs, MAX_STOP_IDS), -1, dtype=np.int64)
         self._seeded_rows: Sequence[int] = ()
         self._rest = 0  # steps left to rest
-        self._idle_plans = 0  # plans in a row that sent no guess
+        self._idle_plans = 0  # the rest schedule's level (see rest_after_plan)
         self._rested = False
         # Compile the kernels (or load them from numba's cache) now, not inside the first
         # timed step. (The tail split's compiling call writes nothing that is read.)
@@ -165,7 +162,7 @@ class JacobiProposer:
 
     def rest_through_step(self) -> bool:
         """Whether the step that starts now, which carries no guess, is one the policy
-        rests through (see ``MAX_REST``): then it drafts nothing at its end, and the
+        rests through (see ``rest_after_plan``): then it drafts nothing at its end, and the
         engine may run the step as if no drafter were configured (:meth:`rested`).
         Never while a seeded request lives: its drafts must not depend on the clock."""
         if not self._rest or self._seeded_ids:
@@ -265,7 +262,7 @@ class JacobiProposer:
         if self.chooser is not None:
             self.chooser.made(sum(map(len, sampled_token_ids)))
         if self._rest and not self._seeded_rows:
-            # The last plans sent no guess at all (a busy engine): rest (see MAX_REST).
+            # The last plans sent no guess at all (a busy engine): rest (see rest_after_plan).
             # Nothing is lost but evidence (the next plan scores nothing). No numpy on
             # this path: a resting step should cost next to nothing.
             self._rest, self._rested = self._rest - 1, True
@@ -291,8 +288,7 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
-            idle = 0 if lengths.any() else min(self._idle_plans + 1, MAX_REST.bit_length())
-            self._idle_plans, self._rest = idle, min(1 << idle >> 1, MAX_REST)
+            self._idle_plans, self._rest = rest_after_plan(self._idle_plans, lengths.any())
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
 

@@ -9,6 +9,7 @@ from cllm_vllm.adaptive import (
     COPY,
     FRESH,
     FULL,
+    MAX_REST,
     MIN_GAIN,
     OPTIMISM,
     PLAN,
@@ -20,6 +21,7 @@ from cllm_vllm.adaptive import (
     align_step,
     expected_rate,
     plan_draft_lengths,
+    rest_after_plan,
     step_size_at_most,
     verified_prefix,
 )
@@ -95,6 +97,30 @@ def test_a_plan_goes_at_most_twice_past_the_most_guesses_measured():
     bounded = plan_draft_lengths(s, np.full(8, K), plain, cost.predict, 8,
                                  max_total=int(2 * cost.largest_measured()))
     assert 0 < bounded.sum() <= 16
+
+
+def test_rests_back_off_while_plans_send_nothing_and_a_lone_draft_steps_back_by_one():
+    def run(drafts: str, level: int = 0) -> tuple[int, list[int]]:
+        """Plans in a row ('d': one that drafts, '.': one that does not) and the
+        steps rested after each."""
+        rests = []
+        for d in drafts:
+            level, rest = rest_after_plan(level, d == "d")
+            rests.append(rest)
+        return level, rests
+
+    level, rests = run("........")
+    assert rests == [1, 2, 4, 8, 16, 32, 32, 32] and max(rests) == MAX_REST
+    # A lone drafting plan after long rests: no rest right after it (its guesses are being
+    # verified), then the policy rests nearly as long as before, not 1, 2, 4 ... again.
+    level, rests = run("d.", level)
+    assert rests == [0, 32]
+    level, rests = run("dd.", level)
+    assert rests == [0, 0, 16]
+    # Requests that keep drafting bring planning back to every step.
+    level, rests = run("dddddd..")
+    assert level == 2 and rests == [0] * 6 + [1, 2]
+    assert run("d" * 6, level=MAX_REST.bit_length())[0] == 0
 
 
 def test_more_load_means_shorter_blocks():
