@@ -155,22 +155,22 @@ MAX_REST = 32
 the policy rests 1, 2, 4 ... ``MAX_REST`` steps between plans (:func:`rest_after_plan`)."""
 
 
-def rest_after_plan(level: int, drafted: bool) -> tuple[int, int]:
+def rest_after_plan(level: int, drafted: bool, again: bool) -> tuple[int, int]:
     """The rest schedule's next level and the steps to rest now, after a plan that sent
-    guesses (``drafted``) or none, from its current ``level`` (0 at the start).
+    guesses (``drafted``) or none, from its current ``level`` (0 at the start); ``again``:
+    the plan before it sent guesses too.
 
     A step that plans costs more than one the policy rests through (the plan, and vLLM's
     speculative path, which a step without a drafter skips): on a CPU at batch 1, a
     quarter of the step. Plans that send nothing back off exponentially, so the policy's
     own cost fades where it keeps deciding against drafting, and a request that could
-    start drafting waits at most ``MAX_REST`` steps. A plan that drafts steps the level
-    back by one only: a lone drafting step among long rests (a guess that looked good
-    once) would otherwise buy six more plans over the next ~70 steps, more than the
-    step gains; a run of drafting plans (requests that keep drafting) returns to
-    planning at every step.
+    start drafting waits at most ``MAX_REST`` steps. Plans that draft step after step
+    (requests are drafting) return the policy to planning at every step. A lone drafting
+    plan steps the level back by one only: among long rests, one guess that looked good
+    once would otherwise buy six more plans over the next ~70 steps, more than it gains.
     """
     if drafted:
-        return max(level - 1, 0), 0
+        return (0 if again else max(level - 1, 0)), 0
     level = min(level + 1, MAX_REST.bit_length())
     return level, min(1 << level >> 1, MAX_REST)
 

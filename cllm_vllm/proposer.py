@@ -113,6 +113,7 @@ class JacobiProposer:
         self._seeded_rows: Sequence[int] = ()
         self._rest = 0  # steps left to rest
         self._idle_plans = 0  # the rest schedule's level (see rest_after_plan)
+        self._drafted = False  # whether the last plan sent guesses
         self._rested = False
         # Compile the kernels (or load them from numba's cache) now, not inside the first
         # timed step. (The tail split's compiling call writes nothing that is read.)
@@ -288,7 +289,10 @@ class JacobiProposer:
             lengths = max_len
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
-            self._idle_plans, self._rest = rest_after_plan(self._idle_plans, lengths.any())
+            drafted = bool(lengths.any())
+            self._idle_plans, self._rest = rest_after_plan(self._idle_plans, drafted,
+                                                           again=self._drafted)
+            self._drafted = drafted
         self._argmax = self._num_draft = None
         return [guesses[i, :n].tolist() if n else [] for i, n in enumerate(lengths.tolist())]
 

@@ -100,13 +100,14 @@ def test_a_plan_goes_at_most_twice_past_the_most_guesses_measured():
 
 
 def test_rests_back_off_while_plans_send_nothing_and_a_lone_draft_steps_back_by_one():
-    def run(drafts: str, level: int = 0) -> tuple[int, list[int]]:
+    def run(plans: str, level: int = 0) -> tuple[int, list[int]]:
         """Plans in a row ('d': one that drafts, '.': one that does not) and the
         steps rested after each."""
-        rests = []
-        for d in drafts:
-            level, rest = rest_after_plan(level, d == "d")
+        rests, last = [], "."
+        for p in plans:
+            level, rest = rest_after_plan(level, p == "d", again=last == "d")
             rests.append(rest)
+            last = p
         return level, rests
 
     level, rests = run("........")
@@ -114,13 +115,12 @@ def test_rests_back_off_while_plans_send_nothing_and_a_lone_draft_steps_back_by_
     # A lone drafting plan after long rests: no rest right after it (its guesses are being
     # verified), then the policy rests nearly as long as before, not 1, 2, 4 ... again.
     level, rests = run("d.", level)
-    assert rests == [0, 32]
-    level, rests = run("dd.", level)
-    assert rests == [0, 0, 16]
-    # Requests that keep drafting bring planning back to every step.
-    level, rests = run("dddddd..")
-    assert level == 2 and rests == [0] * 6 + [1, 2]
-    assert run("d" * 6, level=MAX_REST.bit_length())[0] == 0
+    assert (level, rests) == (MAX_REST.bit_length(), [0, 32])
+    level, rests = run("d.d.", level)
+    assert rests == [0, 32, 0, 32]
+    # Plans that draft step after step (requests are drafting) return to planning at
+    # every step.
+    assert run("dd...", level) == (3, [0, 0, 1, 2, 4])
 
 
 def test_more_load_means_shorter_blocks():
