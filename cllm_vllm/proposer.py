@@ -112,7 +112,7 @@ class JacobiProposer:
         self._stop_ids = np.full((max_reqs, MAX_STOP_IDS), -1, dtype=np.int64)
         self._seeded_rows: Sequence[int] = ()
         self._rest = 0  # steps left to rest
-        self._idle_plans = 0  # the rest schedule's level (see rest_after_plan)
+        self._rest_level = 0  # the rest schedule's level (see rest_after_plan)
         self._drafted = False  # whether the last plan sent guesses
         self._rested = False
         # Compile the kernels (or load them from numba's cache) now, not inside the first
@@ -290,7 +290,7 @@ class JacobiProposer:
         else:
             lengths = self._plan(rows, num_new, num_tokens, token_ids_cpu, guesses, max_len)
             drafted = bool(lengths.any())
-            self._idle_plans, self._rest = rest_after_plan(self._idle_plans, drafted,
+            self._rest_level, self._rest = rest_after_plan(self._rest_level, drafted,
                                                            again=self._drafted)
             self._drafted = drafted
         self._argmax = self._num_draft = None

@@ -237,7 +237,8 @@ def check_vllm_surface() -> list[str]:
         if build_dynamic_sd_schedule_lookup([(1, 2, 3), (3, 4, 1)], 4, 2) != [0, 2, 2, 1, 1]:
             problems.append("build_dynamic_sd_schedule_lookup changed its meaning")
     except ImportError:
-        problems.append("vllm.v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup is gone")
+        problems.append(
+            "vllm.v1.spec_decode.dynamic.utils.build_dynamic_sd_schedule_lookup is gone")
     return problems
 
 
