@@ -168,10 +168,14 @@ class JacobiProposer:
         Never while a seeded request lives: its drafts must not depend on the clock."""
         if not self._rest or self._seeded_ids:
             return False
-        self._rest, self._rested = self._rest - 1, True
+        self._rest_one_step()
         self._step_rested = True
-        self._argmax = self._num_draft = None
         return True
+
+    def _rest_one_step(self) -> None:
+        """Spend one step of the rest: nothing is drafted, nothing verified is kept."""
+        self._rest, self._rested = self._rest - 1, True
+        self._argmax = self._num_draft = None
 
     def rested(self, sampled_token_ids: Sequence[Sequence[int]]) -> None:
         """A step the policy rested through made ``sampled_token_ids`` (and drafted nothing)."""
@@ -263,11 +267,10 @@ class JacobiProposer:
         if self.chooser is not None:
             self.chooser.made(sum(map(len, sampled_token_ids)))
         if self._rest and not self._seeded_rows:
-            # The last plans sent no guess at all (a busy engine): rest (see rest_after_plan).
-            # Nothing is lost but evidence (the next plan scores nothing). No numpy on
-            # this path: a resting step should cost next to nothing.
-            self._rest, self._rested = self._rest - 1, True
-            self._argmax = self._num_draft = None
+            # The last plans sent no guess at all (a busy engine, or guesses that fail):
+            # rest (see rest_after_plan). Nothing is lost but evidence (the next plan scores
+            # nothing). No numpy on this path: a resting step should cost next to nothing.
+            self._rest_one_step()
             return [[] for _ in range(rows)]
         num_new = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=rows)
         if rows > len(self._guesses):  # vLLM never exceeds max_num_seqs; stay safe anyway
